@@ -1,0 +1,88 @@
+"""The shared policy module: tiny model, prompt building, generation, save/load."""
+import pytest
+import torch
+from PIL import Image
+
+import vlm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return vlm.load_policy("tiny")
+
+
+def test_tiny_model_is_small_qwen2vl(tiny):
+    model, tokenizer, _ = tiny
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 500_000 < n_params < 1_500_000
+    assert model.config.text_config.vocab_size >= len(tokenizer)
+    for token in vlm.SPECIAL_TOKENS:  # every Qwen special token is one id, never split
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+
+
+def test_tiny_is_deterministic():
+    a, _, _ = vlm.load_policy("tiny", seed=3)
+    b, _, _ = vlm.load_policy("tiny", seed=3)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_image_pads_expand_to_grid_tokens(tiny):
+    _, tokenizer, image_processor = tiny
+    # 56 px -> 4x4 patches of 14 px -> merged 2x2 -> 4 tokens; 112 px -> 16 tokens; no image -> none.
+    images = [Image.new("RGB", (56, 56)), Image.new("RGB", (112, 112), "red"), None]
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b", "c"], images)
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (batch["input_ids"] == pad_id).sum(1).tolist() == [4, 16, 0]
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == pad_id).int())
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 8, 8]]
+    assert batch["pixel_values"].shape[0] == 16 + 64
+    # left padding: every row ends with the generation prompt
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    text = tokenizer.decode(batch["input_ids"][2], skip_special_tokens=False)
+    assert text.replace("<|endoftext|>", "").endswith("<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompt_over_limit_is_an_error(tiny):
+    _, tokenizer, image_processor = tiny
+    with pytest.raises(ValueError, match="max_prompt_length=10"):
+        vlm.encode_prompts(tokenizer, image_processor, ["hello"], [None], max_prompt_length=10)
+
+
+def test_repeat_batch_keeps_pixels_with_their_prompt(tiny):
+    _, tokenizer, image_processor = tiny
+    images = [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 112), "red")]
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b"], images)
+    rep = vlm.repeat_batch(batch, 3)
+    assert rep["input_ids"].shape[0] == 6
+    assert rep["image_grid_thw"].tolist() == [[1, 4, 4]] * 3 + [[1, 8, 8]] * 3
+    assert torch.equal(rep["pixel_values"][:16], batch["pixel_values"][:16])
+    assert torch.equal(rep["pixel_values"][32:48], batch["pixel_values"][:16])
+    assert torch.equal(rep["pixel_values"][48:112], batch["pixel_values"][16:])
+
+
+def test_generate_groups_samples_and_stops_at_eos(tiny):
+    model, tokenizer, image_processor = tiny
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b"], [Image.new("RGB", (56, 56)), None])
+    torch.manual_seed(0)
+    outs = vlm.generate(model, tokenizer, batch, n=3, max_new_tokens=8)
+    assert len(outs) == 6 and all(1 <= len(o) <= 8 for o in outs)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(eos not in o[:-1] for o in outs)
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    model, tokenizer, image_processor = tiny
+    vlm.save_policy(model, tokenizer, image_processor, tmp_path)
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json"]:
+        assert (tmp_path / name).is_file(), name
+    model2, tokenizer2, image_processor2 = vlm.load_policy(str(tmp_path))
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a"], [Image.new("RGB", (56, 56), "green")])
+    batch2 = vlm.encode_prompts(tokenizer2, image_processor2, ["a"], [Image.new("RGB", (56, 56), "green")])
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    assert torch.equal(batch["pixel_values"], batch2["pixel_values"])
+    out1 = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=12)
+    out2 = vlm.generate(model2, tokenizer2, batch2, greedy=True, max_new_tokens=12)
+    assert out1 == out2
