@@ -9,6 +9,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
 - generate(...): HF generate with n samples per prompt, returning completion token ids.
 - save_policy(...): a save_pretrained folder that plain transformers (and vLLM) loads.
 """
+import hashlib
 import json
 import os
 
@@ -157,10 +158,10 @@ def _read_processor_chat_template(name_or_path):
     return None
 
 
-def save_policy(model, tokenizer, image_processor, out_dir):
+def save_policy(model, tokenizer, image_processor, out_dir, state_dict=None):
     """A folder that AutoModelForImageTextToText / AutoTokenizer / vLLM load. Not atomic: callers write to a
-    temporary folder and rename it."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    temporary folder and rename it. state_dict: weights gathered from ZeRO-3 / FSDP shards, if any."""
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
     # vLLM and AutoProcessor build a full Qwen2VLProcessor, whose video half needs its own config file; the
@@ -171,6 +172,63 @@ def save_policy(model, tokenizer, image_processor, out_dir):
         json.dump(video, f, indent=2)
     with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
         json.dump({"processor_class": "Qwen2VLProcessor"}, f, indent=2)
+
+
+def load_weights(model, folder):
+    """Load a save_pretrained folder's weights into an existing model of the same architecture (resume)."""
+    from transformers import AutoModelForImageTextToText
+    saved = AutoModelForImageTextToText.from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+
+
+# A folder written by save_policy and then write_checksums is complete; checkpoint_problem() tells an interrupted
+# or corrupted one apart, so nothing half-written is ever loaded for training or evaluation.
+CHECKSUMS = "checksums.json"
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.relpath(path, folder) != CHECKSUMS:
+                yield os.path.relpath(path, folder)
+
+
+def write_checksums(folder):
+    sums = {rel: file_sha256(os.path.join(folder, rel)) for rel in sorted(folder_files(folder))}
+    tmp = os.path.join(folder, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, CHECKSUMS))
+
+
+def checkpoint_problem(folder):
+    """None if the folder is a complete, intact checkpoint, else what is wrong with it."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        return "incomplete (no checksums.json: the write was interrupted)"
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable checksums.json ({e})"
+    for rel, digest in sums.items():
+        full = os.path.join(folder, rel)
+        if not os.path.isfile(full):
+            return f"missing file {rel}"
+        if file_sha256(full) != digest:
+            return f"corrupt file {rel} (checksum mismatch)"
+    return None
 
 
 def prompt_text(tokenizer, problem, n_images=1):
