@@ -69,8 +69,9 @@ sampling = "interleave_under"     # "interleave_under": stop when a domain is ex
 max_steps = 200                   # GRPO steps; 0: until a domain is exhausted (interleave_under only)
 # GRPO
 prompts_per_step = 2              # prompts per step over all processes (paper: 2)
-micro_batch_prompts = 1           # prompts per forward/backward; gradients accumulate over the rest
-num_generations = 6               # G, completions per prompt (paper: 6)
+num_generations = 6               # G, completions per prompt (paper: 6); a step's prompts x G completions are
+                                  # split evenly over the processes, so a group may span processes (as in TRL)
+micro_batch_size = 12             # completions per forward/backward; gradients accumulate over the rest
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
 max_completion_length = 64        # paper: 1024
@@ -141,7 +142,8 @@ def parse_config(argv):
             except (OSError, json.JSONDecodeError) as e:
                 raise SystemExit(f"error: cannot read config file {arg}: {e}")
             for key, value in overrides.items():
-                set_config(config, key, value, arg)
+                if not key.startswith("_"):  # "_comment" and the like document a config file
+                    set_config(config, key, value, arg)
     for key, allowed in [("sampling", ("interleave_under", "with_replacement")),
                          ("loss_type", ("token", "sequence", "dr_grpo")),
                          ("reward_format_mode", ("strict", "lenient"))]:
@@ -231,6 +233,14 @@ def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
     return schedule
 
 
+def local_slots(prompts_per_step, num_generations, rank, world):
+    """The (prompt, generation) pairs this process owns: the step's prompts x G completions split evenly, in
+    order, so gathering per-process results in rank order restores whole groups."""
+    slots = [(p, g) for p in range(prompts_per_step) for g in range(num_generations)]
+    per = len(slots) // world
+    return slots[rank * per:(rank + 1) * per]
+
+
 def record_fields(record):
     meta = json.loads(record["meta"]) if record.get("meta") else {}
     return record["problem"], record["image"], record["solution"], record["domain"], meta
@@ -289,7 +299,7 @@ def selective_log_softmax(logits, ids):
 
 
 def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature):
-    """Per-token log-probs of the completions given their (left-padded, repeated) prompts."""
+    """Per-token log-probs of the completions given their prompts (left-padded, one row per completion)."""
     input_ids = torch.cat([prompts["input_ids"], completion_ids], dim=1)
     inputs = dict(
         input_ids=input_ids,
@@ -475,8 +485,8 @@ def full_weights(accelerator, model):
 
 def rollout_hf(accelerator, model, tokenizer, prompts, config):
     with full_weights(accelerator, model) as policy:
-        return vlm.generate(policy, tokenizer, prompts, n=config["num_generations"],
-                            max_new_tokens=config["max_completion_length"], temperature=config["temperature"])
+        return vlm.generate(policy, tokenizer, prompts, n=1, max_new_tokens=config["max_completion_length"],
+                            temperature=config["temperature"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,7 +513,7 @@ def lr_lambda(warmup, total):
 
 
 def score_completions(texts, records, config):
-    """rewards.score for each completion; records are repeated G times alongside."""
+    """rewards.score of each completion against the record it answers."""
     options = dict(gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"])
     return [rewards.score(text, solution, domain, meta, **options)
             for text, (_, _, solution, domain, meta) in zip(texts, records)]
@@ -555,16 +565,18 @@ def main(argv):
     from datasets import load_from_disk
     datasets = {d: load_from_disk(os.path.join(config["data_dir"], manifest["datasets"][d]["splits"]["train"]["path"]))
                 for d in weights}
-    if config["prompts_per_step"] % (world * config["micro_batch_prompts"]):
-        raise SystemExit(f"error: prompts_per_step={config['prompts_per_step']} must be a multiple of "
-                         f"processes x micro_batch_prompts = {world} x {config['micro_batch_prompts']}")
+    G = config["num_generations"]
+    n_completions = config["prompts_per_step"] * G
+    if n_completions % world or (n_completions // world) % config["micro_batch_size"]:
+        raise SystemExit(f"error: a step's {n_completions} completions (prompts_per_step x num_generations) must "
+                         f"split evenly over {world} process(es) into micro-batches of micro_batch_size="
+                         f"{config['micro_batch_size']}")
     schedule = build_schedule(weights, {d: len(ds) for d, ds in datasets.items()}, config["prompts_per_step"],
                               config["max_steps"], config["sampling"], config["seed"])
     total_steps = len(schedule)
     if total_steps == 0:
         raise SystemExit("error: the mixture exhausts a domain before the first step")
-    local_prompts = config["prompts_per_step"] // world
-    G = config["num_generations"]
+    slots = local_slots(config["prompts_per_step"], G, rank, world)
 
     # model: the cold-start checkpoint (cached) or init_from
     start_path = None
@@ -624,50 +636,50 @@ def main(argv):
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
         t_step = time.perf_counter()
-        picks = schedule[step][rank * local_prompts:(rank + 1) * local_prompts]
-        records = [record_fields(datasets[d][row]) for d, row in picks]
+        picks = schedule[step]
         ids = [datasets[d][row]["id"] for d, row in picks]
+        records = [record_fields(datasets[d][row]) for d, row in picks]
+        mine = [records[p] for p, _ in slots]  # the prompt of each completion this process owns
 
-        # 1. rollouts
+        # 1. rollouts: one completion per owned slot
         t0 = time.perf_counter()
         error = None
         try:
-            prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in records],
-                                         [r[1] for r in records], config["max_prompt_length"])
+            prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in mine], [r[1] for r in mine],
+                                         config["max_prompt_length"])
             completions = rollout_hf(accelerator, model, tokenizer, prompts, config)
-        except ValueError as e:
-            error = f"step {step}, records {ids}: {e}"
+        except Exception as e:  # reported on every process, so none waits in a collective for this one
+            error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
         stop_if_any_failed(accelerator, error)
         t_generate = time.perf_counter() - t0
 
-        # 2. rewards and advantages
+        # 2. rewards here, advantages over whole groups (gathered from every process)
         t0 = time.perf_counter()
         texts = [vlm.decode(tokenizer, c) for c in completions]
-        repeated = [r for r in records for _ in range(G)]
-        scores = score_completions(texts, repeated, config)
-        totals = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
+        scores = score_completions(texts, mine, config)
         bad = [i for i, s in enumerate(scores) if not all(math.isfinite(v) for v in s.values())]
-        stop_if_any_failed(accelerator, f"non-finite reward at step {step} for record {ids[bad[0] // G]}: "
-                                        f"{scores[bad[0]]}" if bad else None)
+        stop_if_any_failed(accelerator, f"non-finite reward at step {step + 1} for record {ids[slots[bad[0]][0]]}:"
+                                        f" {scores[bad[0]]}" if bad else None)
+        totals = accelerator.gather(torch.tensor([s["total"] for s in scores], device=accelerator.device)).cpu()
         advantages = group_advantages(totals.view(-1, G), config["scale_rewards"]).view(-1)
+        advantages = advantages[rank * len(slots):(rank + 1) * len(slots)]
         t_reward = time.perf_counter() - t0
 
-        # 3. policy update(s)
+        # 3. policy update(s): num_iterations optimizer updates over the same rollouts
         lr = scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         t_ref_old = t_fwd_bwd = t_opt = 0.0
-        micro_batches = [list(range(i, i + config["micro_batch_prompts"]))
-                         for i in range(0, local_prompts, config["micro_batch_prompts"])]
+        size = config["micro_batch_size"]
+        micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
         cached = {}  # micro-batch index -> (prompts, ids, mask, ref_logp, old_logp)
         losses, kls, clips, grad_norms = [], [], [], []
         for iteration in range(config["num_iterations"]):
             for k, mb in enumerate(micro_batches):
-                rows = [p * G + g for p in mb for g in range(G)]
                 if k not in cached:
                     t0 = time.perf_counter()
-                    mb_prompts = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in mb],
-                                                    [records[p][1] for p in mb])
-                    mb_prompts = {n: v.to(accelerator.device) for n, v in vlm.repeat_batch(mb_prompts, G).items()}
-                    c_ids, c_mask = pad_completions([completions[r] for r in rows], pad_id, accelerator.device)
+                    mb_prompts = vlm.encode_prompts(tokenizer, image_processor, [mine[i][0] for i in mb],
+                                                    [mine[i][1] for i in mb])
+                    mb_prompts = {n: v.to(accelerator.device) for n, v in mb_prompts.items()}
+                    c_ids, c_mask = pad_completions([completions[i] for i in mb], pad_id, accelerator.device)
                     with torch.no_grad(), accelerator.autocast():
                         ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"]) \
                             if ref_model is not None else None
@@ -683,7 +695,7 @@ def main(argv):
                     loss, stats = grpo_loss(
                         logp, old_logp if old_logp is not None else logp.detach(),
                         ref_logp if ref_logp is not None else logp.detach(),
-                        advantages[rows].to(logp.device), c_mask, config["epsilon_low"], config["epsilon_high"],
+                        advantages[mb].to(logp.device), c_mask, config["epsilon_low"], config["epsilon_high"],
                         config["beta"], config["loss_type"], config["max_completion_length"])
                     accelerator.backward(loss / len(micro_batches))
                 losses.append(loss.item())
@@ -691,23 +703,24 @@ def main(argv):
                 clips.append(stats["clip_fraction"])
                 t_fwd_bwd += time.perf_counter() - t0
             t0 = time.perf_counter()
-            grad_norm = accelerator.clip_grad_norm_(params, config["grad_clip"])
-            grad_norm = float(grad_norm)
+            grad_norm = float(accelerator.clip_grad_norm_(params, config["grad_clip"]))
             grad_norms.append(grad_norm)
             if not math.isfinite(grad_norm) or not all(math.isfinite(x) for x in losses):
                 # gradients are all-reduced, so every process sees the same non-finite norm and stops here
-                raise TrainingStopped(f"non-finite loss or gradient at step {step} (loss {losses}, grad norm "
+                raise TrainingStopped(f"non-finite loss or gradient at step {step + 1} (loss {losses}, grad norm "
                                       f"{grad_norm}); the last good checkpoint is kept")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if not all(torch.isfinite(p).all() for p in params):
+                raise TrainingStopped(f"non-finite weights after the update of step {step + 1}; the last good "
+                                      "checkpoint is kept")
             t_opt += time.perf_counter() - t0
 
         # 4. metrics, samples, checkpoint
         lengths = [len(c) for c in completions]
-        gathered = gather_object([(scores, [r[3] for r in repeated], lengths, mean(losses), mean(kls),
-                                   mean(clips))]) if world > 1 else [(scores, [r[3] for r in repeated], lengths,
-                                                                     mean(losses), mean(kls), mean(clips))]
+        mine_stats = (scores, [r[3] for r in mine], lengths, mean(losses), mean(kls), mean(clips))
+        gathered = gather_object([mine_stats]) if world > 1 else [mine_stats]
         t_total = time.perf_counter() - t_step
         if accelerator.is_main_process:
             all_scores = [s for g in gathered for s in g[0]]
@@ -722,9 +735,11 @@ def main(argv):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if config["log_samples_every"] and (step + 1) % config["log_samples_every"] == 0:
-                problem, _, solution, domain, _ = records[0]
-                sample = {"step": step + 1, "id": ids[0], "domain": domain, "problem": problem, "solution": solution,
-                          "completions": [{"text": t, "reward": s} for t, s in zip(texts[:G], scores[:G])]}
+                p = slots[0][0]
+                problem, _, solution, domain, _ = records[p]
+                sample = {"step": step + 1, "id": ids[p], "domain": domain, "problem": problem, "solution": solution,
+                          "completions": [{"text": t, "reward": s} for t, s, (q, _) in zip(texts, scores, slots)
+                                          if q == p]}
                 with open(samples_path, "a") as f:
                     f.write(json.dumps(sample) + "\n")
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", s_per_step=f"{t_total:.2f}")

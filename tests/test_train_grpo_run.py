@@ -1,0 +1,187 @@
+"""train_grpo.py end to end on the tiny model (CPU): steps change the weights, multi-process, kill and resume,
+non-finite stops, broken checkpoints. Each run is a subprocess, as a user would launch it."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage, ImageDraw
+from safetensors.torch import load_file
+
+import train_grpo as tg
+import vlm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("t_", "samples_per_s", "tokens_per_s")
+SUFFIX = " Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+
+
+def write_dataset(data_dir, domain, n, seed):
+    """n records of 'how many circles' in the record format prepare_data.py writes, and their manifest entry."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(1, 3)
+        image = PILImage.new("RGB", (56, 56), "white")
+        draw = ImageDraw.Draw(image)
+        for j in range(k):
+            draw.ellipse([4 + 16 * j, 20, 16 + 16 * j, 32], fill="red")
+        rows.append({"id": f"{domain}-{i}", "domain": domain, "image": image,
+                     "problem": "How many circles?" + SUFFIX, "solution": f"<answer>{k}</answer>",
+                     "meta": json.dumps({"image_size": [56, 56], "rationale": f"{k} circles"})})
+    features = Features({"id": Value("string"), "domain": Value("string"), "image": Image(),
+                         "problem": Value("string"), "solution": Value("string"), "meta": Value("string")})
+    ds = Dataset.from_list(rows, features=features)
+    ds.save_to_disk(os.path.join(data_dir, domain, "train"))
+    return {"source": "test", "reward": "math", "role": "train",
+            "splits": {"train": {"path": f"{domain}/train", "rows": n, "fingerprint": ds._fingerprint,
+                                 "n_skipped": 0, "skipped": []}}}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    manifest = {"format_version": 1, "evaluation": {"in_domain": [], "out_of_domain": []},
+                "datasets": {"syn_count": write_dataset(path, "syn_count", 60, 0),
+                             "syn_colorcount": write_dataset(path, "syn_colorcount", 12, 1)}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cold_start_dir(tmp_path_factory, data_dir):
+    """One short cold start shared by every run here, so rollouts earn varied rewards (a random model earns 0)."""
+    path = tmp_path_factory.mktemp("cold") / "base"
+    train(data_dir, tmp_path_factory.mktemp("warm") / "run", path, "--max_steps=1")
+    return path
+
+
+def train(data_dir, out_dir, cold_start_dir, *extra, launcher=(sys.executable,), check=True, wait=True):
+    argv = [*launcher, os.path.join(ROOT, "train_grpo.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+            f"--cold_start_dir={cold_start_dir}", "--cold_start_steps=120", "--max_completion_length=24",
+            "--learning_rate=1e-3", "--checkpoint_every=2", "--log_samples_every=1", *extra]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not wait:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING_KEYS)} for line in f]
+
+
+def test_three_steps_write_metrics_samples_and_change_weights(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, cold_start_dir, "--max_steps=3", '--mixture={"syn_count": 1}')
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ["loss", "kl", "clip_fraction", "reward", "reward/syn_count", "reward_fn/format", "reward_fn/math",
+                "completion_length", "lr", "grad_norm"]:
+        assert all(key in r for r in rows), key
+    assert any(r["grad_norm"] > 0 for r in rows)  # some group had a reward spread
+    with open(out / "metrics.jsonl") as f:
+        timing = json.loads(f.readline())
+    assert timing["t_generate"] > 0 and timing["samples_per_s"] > 0 and timing["tokens_per_s"] > 0
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 3 and all(len(s["completions"]) == 6 for s in samples)
+    # the final checkpoint loads with plain transformers and differs from the starting weights
+    assert vlm.checkpoint_problem(str(out / "ckpt-000003")) is None
+    start = load_file(cold_start_dir / "model.safetensors")
+    end = load_file(out / "ckpt-000003" / "model.safetensors")
+    changed = [k for k in start if not torch.equal(start[k], end[k])]
+    assert changed and all("visual" not in k for k in changed)  # the vision tower is frozen
+    config = json.loads((out / "config.json").read_text())
+    assert config["mixture_weights"] == {"syn_count": 1.0} and config["planned_steps"] == 3
+
+
+def test_interleave_under_ends_when_the_small_domain_is_exhausted(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=0", "--checkpoint_every=1000", "--beta=0",
+                 "--log_samples_every=0", "--max_completion_length=8")
+    expected = tg.build_schedule({"syn_colorcount": 0.5, "syn_count": 0.5}, {"syn_colorcount": 12, "syn_count": 60},
+                                 2, 0, "interleave_under", seed=0)
+    assert 5 <= len(expected) < 30  # 12 rows of the small domain last about 12 steps
+    assert len(metrics(out)) == len(expected)
+    assert os.listdir(out / f"ckpt-{len(expected):06d}")
+    assert f"done: {len(expected)} steps" in proc.stdout + proc.stderr
+
+
+def test_two_processes_with_torchrun(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    train(data_dir, out, cold_start_dir, "--max_steps=2", "--micro_batch_size=3", launcher=torchrun)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert vlm.checkpoint_problem(str(out / "ckpt-000002")) is None
+    rng_files = sorted(os.listdir(out / "ckpt-000002" / "trainer"))
+    assert "random_states_0.pkl" in rng_files and "random_states_1.pkl" in rng_files
+    config = json.loads((out / "config.json").read_text())
+    assert config["processes"] == 2
+
+
+def test_killed_run_resumes_to_the_same_metrics(data_dir, cold_start_dir, tmp_path):
+    args = ("--max_steps=6", "--checkpoint_every=2")
+    reference = tmp_path / "reference"
+    train(data_dir, reference, cold_start_dir, *args)
+    killed = tmp_path / "killed"
+    proc = train(data_dir, killed, cold_start_dir, *args, wait=False)
+    deadline = time.time() + 300
+    while not (killed / "ckpt-000002" / "checksums.json").exists():  # at least one checkpoint
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # then SIGKILL at a random moment, possibly mid-write
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    train(data_dir, killed, cold_start_dir, *args, "--resume")
+    assert metrics(killed) == metrics(reference)  # bit-exact on CPU: same data, RNG and optimizer state
+    a = load_file(reference / "ckpt-000006" / "model.safetensors")
+    b = load_file(killed / "ckpt-000006" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_checkpoint_is_reported_and_skipped(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, cold_start_dir, "--max_steps=4", "--beta=0", "--log_samples_every=0")
+    weights = out / "ckpt-000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=4", "--beta=0", "--log_samples_every=0", "--resume")
+    text = proc.stdout + proc.stderr
+    assert "skipping checkpoint" in text and "corrupt file model.safetensors" in text
+    assert "resumed from" in text and "ckpt-000002 at step 2" in text
+    assert vlm.checkpoint_problem(str(out / "ckpt-000004")) is None  # rewritten by the resumed run
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    # an absurd learning rate overflows the weights after the first update
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=6", "--checkpoint_every=1", "--learning_rate=1e38",
+                 "--warmup_ratio=0", "--grad_clip=1e38", check=False)
+    assert proc.returncode == 1
+    assert re.search(r"training stopped: .*(non-finite|nan|inf)", proc.stderr), proc.stderr[-2000:]
+    checkpoints = tg.find_checkpoints(str(out))
+    assert checkpoints and all(vlm.checkpoint_problem(folder) is None for _, folder in checkpoints)
+    assert len(metrics(out)) == checkpoints[0][0]  # nothing logged past the last good step
+
+
+def test_resume_refuses_another_mixture(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, cold_start_dir, "--max_steps=2", "--log_samples_every=0")
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", '--mixture={"syn_count": 1}', "--resume",
+                 check=False)
+    assert proc.returncode != 0 and "another mixture or schedule" in proc.stderr
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", check=False)
+    assert proc.returncode != 0 and "pass --resume" in proc.stderr
