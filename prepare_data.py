@@ -361,7 +361,7 @@ def gen_chart(rng):
             d.rectangle([x, 104 - 11 * k - 9, x + 13, 104 - 11 * k], fill=COLORS[color])
     d.line([2, 106, 109, 106], fill=(0, 0, 0), width=1)
     i = rng.randrange(len(colors))
-    return dict(canvas=112, image=img, objects=[], answer=str(values[i]), options=None,
+    return dict(image=img, answer=str(values[i]), options=None,
                 rationale=f"the {colors[i]} bar has {values[i]} blocks",
                 problem=f"What is the value of the {colors[i]} bar?")
 
@@ -414,7 +414,7 @@ def synthetic_example(domain, split, index, seed):
     """One example, from its own rng: any record can be regenerated alone, and train and test never share a draw."""
     generate, _, kind = SYNTHETIC[domain]
     example = generate(random.Random(f"{seed}/{domain}/{split}/{index}"))
-    image = example.get("image") or draw(example["objects"], example["canvas"])
+    image = example["image"] if "image" in example else draw(example["objects"], example["canvas"])
     problem = example["problem"] + (SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
     meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": example["rationale"],
             "source": {"dataset": f"synthetic (seed {seed})", "split": split, "row": index}}

@@ -275,7 +275,7 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     """SIGKILL the synthetic build once it has listed a split: every listed split loads with its manifest
     fingerprint; a second run skips what is done and ends with the same fingerprints as one uninterrupted run."""
     data = tmp_path / "data"
-    argv = [sys.executable, P.__file__, "--data-dir", str(data), "--n-train", "400", "--n-test", "40"]
+    argv = [sys.executable, P.__file__, "--data-dir", str(data), "--n-train", "200", "--n-test", "20"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -288,7 +288,7 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     for (domain, split), entry in listed.items():
         assert P.fingerprint(load(data, domain, split)) == entry["fingerprint"]
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    P.main(["--data-dir", str(tmp_path / "clean"), "--n-train", "400", "--n-test", "40"])
+    P.main(["--data-dir", str(tmp_path / "clean"), "--n-train", "200", "--n-test", "20"])
     resumed, clean = manifest(data), manifest(tmp_path / "clean")
     assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
            {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in clean["datasets"].items()}
