@@ -37,10 +37,14 @@ import re
 import sys
 import time
 
-import numpy as np
-from scipy.optimize import minimize, nnls
-from scipy.stats import rankdata, spearmanr
-from tqdm import tqdm
+# Every matrix here is small (runs x terms): BLAS threads only add synchronisation, which on a busy 2-core machine
+# made a 153 x 153 solve 200x slower (97 ms instead of 0.5 ms). Set before numpy loads; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize, nnls  # noqa: E402
+from scipy.stats import rankdata, spearmanr  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TABLE2 = os.path.join(HERE, "reference", "modomodo", "table2.csv")
@@ -132,7 +136,8 @@ def read_table_csv(path, notes):
         else:  # Base (no training), the heuristic and model-based rows: the paper did not publish their weights
             skipped.append(label)
             continue
-        scores = {c: parse_number(row[c], f"{where} column {c}") for c in score_columns if (row[c] or "").strip()}
+        # kept as text: a column is parsed (and a bad cell reported) only when the objective uses it
+        scores = {c: row[c] for c in score_columns if (row[c] or "").strip()}
         runs.append({"label": label, "where": where, "mixture": mixture, "scores": scores, "run": None, "step": None})
     if skipped:
         note(notes, f"{path}: {len(skipped)} rows have no known mixture and are not used for fitting "
@@ -208,32 +213,41 @@ def read_runs(paths, step, notes):
 
 
 def parse_objective(text):
-    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]."""
+    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]. Only '+' separates
+    terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
     terms = []
-    for term in text.replace(" ", "").replace("-", "+-").split("+"):
-        if not term:
-            continue
+    for term in text.replace(" ", "").split("+"):
         coefficient, _, name = term.rpartition("*")
+        if not name:
+            raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
+                             f"0.5*in_score+0.5*out_score")
         try:
-            terms.append((float(coefficient) if coefficient not in ("", "-") else (-1.0 if coefficient else 1.0),
-                          name))
+            terms.append((float(coefficient) if coefficient else 1.0, name))
         except ValueError:
             raise InputError(f"--objective={text!r}: {coefficient!r} is not a number (write e.g. 0.5*out_score)")
-    if not terms or any(not name for _, name in terms):
-        raise InputError(f"--objective={text!r}: expected a score name or a weighted sum like 0.5*in+0.5*out")
     return terms
 
 
+def score_of(run, name):
+    """A run's score by name (case and _ ignored), as a float; None when the run lacks it."""
+    found = [k for k in run["scores"] if score_key(k) == score_key(name)]
+    if not found:
+        return None
+    value = run["scores"][found[0]]
+    if isinstance(value, str):
+        return parse_number(value, f"{run['where']} column {found[0]}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{run['where']}: score {found[0]!r} is {value!r}, not a finite number")
+    return float(value)
+
+
 def objective_value(run, terms, objective):
-    scores = {score_key(k): v for k, v in run["scores"].items()}
     total = 0.0
     for coefficient, name in terms:
-        if score_key(name) not in scores:
+        value = score_of(run, name)
+        if value is None:
             raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
                              f"it has {sorted(run['scores'])}")
-        value = scores[score_key(name)]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"{run['where']}: score {name!r} is {value!r}, not a finite number")
         total += coefficient * value
     return total
 
@@ -317,7 +331,7 @@ def build_dataset(runs, objective, notes):
         note(notes, f"domains {never} have weight 0 in every run: their effect cannot be learned, proposals "
                     f"keep them at 0")
     return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
-            "runs": runs}
+            "groups": list(groups.values())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +380,6 @@ def norm_mixture(W, out_scores):
     """Norm: min-max normalise the exclude-one runs' Out scores to s; the domain each run leaves out gets
     0.2 - 0.1 s; w = those / their sum. Needs one exclude-one run per domain."""
     d = W.shape[1]
-    weights = np.full(d, np.nan)
     seeds, included = seed_runs(W)
     excluded_scores = {}
     for i in seeds:
@@ -384,15 +397,11 @@ def paper_heuristics(data, alpha_single, notes):
     """The five heuristic mixtures of Table 2, from in_score and out_score (higher is better) of the seed runs."""
     runs_scores = {}
     for name in ("in_score", "out_score"):
-        per_mixture = {}
-        for r in data["runs"]:
-            value = {score_key(k): v for k, v in r["scores"].items()}.get(score_key(name))
-            key = tuple(round(r["mixture"].get(d, 0.0), 6) for d in data["domains"])
-            per_mixture.setdefault(key, []).append(value)
-        if any(v is None for vs in per_mixture.values() for v in vs):
+        values = [[score_of(r, name) for r in group] for group in data["groups"]]
+        if any(v is None for group in values for v in group):
             note(notes, f"the paper's heuristics need {name} for every run; skipped")
             return {}
-        runs_scores[name] = np.array([np.mean(vs) for vs in per_mixture.values()])
+        runs_scores[name] = np.array([np.mean(group) for group in values])  # repeated runs averaged
     W, s_in, s_out = data["W"], runs_scores["in_score"], runs_scores["out_score"]
     recipes = {"alpha_in": lambda: alpha_mixture(W, s_in, s_out, 1.0, alpha_single),
                "alpha_out": lambda: alpha_mixture(W, s_in, s_out, 0.0, alpha_single),
@@ -465,7 +474,7 @@ def standardise(F):
 
 def ridge_loo(Z, u, penalties):
     """Ridge with an unpenalised intercept on standardised Z: the penalty with the smallest exact leave-one-out
-    error (hat-matrix shortcut), and the coefficients."""
+    error (hat-matrix shortcut)."""
     n = len(u)
     yc = u - u.mean()
     U, s, Vt = np.linalg.svd(Z, full_matrices=False)
@@ -474,11 +483,11 @@ def ridge_loo(Z, u, penalties):
     for penalty in penalties:
         shrink = s ** 2 / (s ** 2 + penalty)
         leverage = (U ** 2) @ shrink + 1.0 / n
-        loo_residual = (yc - U @ (shrink * Uy)) / (1 - leverage)
-        error = np.mean(loo_residual ** 2)
-        if best is None or error < best[0]:
+        with np.errstate(divide="ignore", invalid="ignore"):  # leverage 1: a run only it explains
+            error = np.mean(((yc - U @ (shrink * Uy)) / (1 - leverage)) ** 2)
+        if np.isfinite(error) and (best is None or error < best[0]):
             best = (error, penalty)
-    return best[1]
+    return best[1] if best is not None else penalties[-1]
 
 
 def ridge_coef(Z, u, penalty):
@@ -510,7 +519,7 @@ def scheffe_terms(W):
 
 
 def fit_scheffe(W, u, settings, hyper=None):
-    """Scheffe quadratic, ridge penalty by leave-one-out (31 collinear columns made well-posed)."""
+    """Scheffe quadratic, ridge penalty by leave-one-out (which keeps it well-posed with fewer runs than terms)."""
     model = fit_ridge_on(scheffe_terms, W, u, hyper)
     d = W.shape[1]
     interactions = np.zeros((d, d))
@@ -532,18 +541,19 @@ def fit_mixing_law(W, u, settings, hyper=None):
     Z = (W - mean) / sd
     options = [hyper] if hyper is not None else [(s, q, p) for s in (1, -1) for q in MIXING_LAW_OFFSETS
                                                     for p in RIDGE_PENALTIES[::2]]
+    U, sv, _ = np.linalg.svd(Z, full_matrices=False)
     best = None
     for sign, offset in sorted({(s, q) for s, q, _ in options}):
         c = u.min() - offset * spread if sign > 0 else u.max() + offset * spread
         t = np.log(sign * (u - c))
-        U, sv, _ = np.linalg.svd(Z, full_matrices=False)
         Ut = U.T @ (t - t.mean())
         for _, _, penalty in [o for o in options if o[:2] == (sign, offset)]:
             shrink = sv ** 2 / (sv ** 2 + penalty)
             leverage = (U ** 2) @ shrink + 1.0 / len(u)
-            t_loo = t - (t - t.mean() - U @ (shrink * Ut)) / (1 - leverage)
-            error = np.mean((c + sign * np.exp(t_loo) - u) ** 2)
-            if best is None or error < best[0]:
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                t_loo = t - (t - t.mean() - U @ (shrink * Ut)) / (1 - leverage)
+                error = np.mean((c + sign * np.exp(t_loo) - u) ** 2)
+            if best is None or (np.isfinite(error) and error < best[0]) or not np.isfinite(best[0]):
                 best = (error, (sign, offset, penalty), c, t)
     _, chosen, c, t = best
     sign, _, penalty = chosen
@@ -615,8 +625,9 @@ def fit_gp(F, r, hyper):
         for _, noise in [o for o in options if o[0] == length]:
             shrink = values / (values + noise)
             leverage = (vectors ** 2) @ shrink
-            error = np.mean(((rc - vectors @ (shrink * projected)) / (1 - leverage)) ** 2)
-            if best is None or error < best[0]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                error = np.mean(((rc - vectors @ (shrink * projected)) / (1 - leverage)) ** 2)
+            if best is None or (np.isfinite(error) and error < best[0]) or not np.isfinite(best[0]):
                 best = (error, (length, noise))
     length, noise = best[1]
     alpha = np.linalg.solve(np.exp(-sq / (2 * length ** 2)) + noise * np.eye(len(r)), rc)
@@ -844,6 +855,9 @@ def constraints(args, domains, W, notes):
         caps[d] = min(1.0, size / prompts)
         high[domains.index(d)] = min(high[domains.index(d)], caps[d])
     high[W.max(0) <= 1e-9] = 0.0
+    clash = [d for j, d in enumerate(domains) if low[j] > high[j]]
+    if clash:
+        raise InputError(f"--bounds: the lower bound of {clash} exceeds its cap or the domain was never trained on")
     if low.sum() > 1 + 1e-9 or high.sum() < 1 - 1e-9:
         raise InputError(f"no mixture satisfies the bounds and caps: lower bounds sum to {low.sum():.3f}, upper "
                          f"bounds (caps {caps}) to {high.sum():.3f}; relax --bounds or raise --steps x "
@@ -947,21 +961,25 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
     written.append("cv_predicted_vs_actual.png")
 
     shown = [p for p in proposals if p.get("interval")]
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(shown) + 2), 3.6))
-    values = [p["predicted"] for p in shown]
-    errors = np.array([[p["predicted"] - p["interval"][0], p["interval"][1] - p["predicted"]] for p in shown]).T
-    colours = ["tab:blue" if p["source"] == "model" else "tab:grey" if p["name"] == "uniform" else "tab:orange"
-               for p in shown]
-    ax.bar(range(len(shown)), values, yerr=np.abs(errors), color=colours, capsize=3)
-    ax.axhline(y.max() if sign > 0 else y.min(), color="green", lw=0.8, ls="--", label="best observed run")
+    colours = {"model": "tab:blue", "baseline": "tab:grey", "paper heuristic": "tab:orange",
+               "paper QuadSurface": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(shown) + 2), 3.8))
+    values = np.array([p["predicted"] for p in shown])
+    low = np.array([p["interval"][0] for p in shown])
+    high = np.array([p["interval"][1] for p in shown])
+    ax.bar(range(len(shown)), values, yerr=[np.maximum(values - low, 0), np.maximum(high - values, 0)],
+           color=[colours[p["source"]] for p in shown], capsize=3)
+    best = y.max() if sign > 0 else y.min()
+    ax.axhline(best, color="green", lw=0.8, ls="--")
+    for source, colour in colours.items():
+        ax.bar([0], [0], color=colour, label=source)  # legend entries only (zero height)
+    ax.plot([], [], color="green", lw=0.8, ls="--", label="best observed run")
     ax.set_xticks(range(len(shown)), [p["name"] for p in shown], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(f"predicted {objective}")
-    low = min(v - e for v, e in zip(values, errors[0]))
-    high = max(v + e for v, e in zip(values, errors[1]))
-    ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
-    ax.legend(fontsize=7)
-    ax.set_title(f"proposals (blue), heuristics (orange), uniform (grey); {int(INTERVAL * 100)}% bootstrap intervals",
-                 fontsize=8)
+    bottom, top = min(low.min(), best), max(high.max(), best)
+    ax.set_ylim(bottom - 0.1 * (top - bottom), top + 0.1 * (top - bottom))
+    ax.legend(fontsize=7, ncol=5, loc="lower center")
+    ax.set_title(f"predicted {objective} with {int(INTERVAL * 100)}% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "proposals_vs_uniform.png"), dpi=110)
     plt.close(fig)
@@ -976,7 +994,8 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
         ax.set_xticks(range(len(data["domains"])), data["domains"], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(data["domains"])), data["domains"], fontsize=7)
         fig.colorbar(image, label=f"{objective} per unit w_i w_j")
-        ax.set_title("Scheffe quadratic: pairwise interactions", fontsize=9)
+        ax.set_title(f"Scheffe quadratic: pairwise interactions\n(stacking weight "
+                     f"{model['weights']['scheffe']:.2f})", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "interactions.png"), dpi=110)
         plt.close(fig)
@@ -984,7 +1003,7 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
     return written
 
 
-def validation_table(validation, sign):
+def validation_table(validation):
     lines = ["| family | LOO Spearman | 5-fold Spearman (mean ± sd over repeats) | RMSE | top-1 regret | "
              "top-3 regret |", "|---|---|---|---|---|---|"]
     for name, m in validation["families"].items():
@@ -997,13 +1016,12 @@ def validation_table(validation, sign):
     return lines
 
 
-def write_report(path, data, args, notes, heuristics, validation, model, proposals, quad, plots, seconds):
-    sign = -1 if args.minimize else 1
+def write_report(path, data, args, notes, validation, model, proposals, quad, plots, seconds):
     d = data["domains"]
     goal = "lower" if args.minimize else "higher"
     lines = ["# Mixture prediction report", "",
              f"Objective `{args.objective}` ({goal} is better), {len(data['y'])} distinct mixtures from "
-             f"{data['n_runs']} runs, domains {', '.join(d)}. Inputs: {', '.join(args.inputs)}. "
+             f"{data['n_runs']} runs, domains {', '.join(d)}. Inputs: {', '.join(map(shown_path, args.inputs))}. "
              f"Run time {seconds:.1f} s.", ""]
     if notes:
         lines += ["## Input notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -1013,16 +1031,17 @@ def write_report(path, data, args, notes, heuristics, validation, model, proposa
               "Held-out predictions of every family; the ensemble's stacking weights are chosen inside each split. "
               f"Intervals: {int(INTERVAL * 100)}% bootstrap over runs. Regret: how far the best of the top-1 / top-3 "
               "runs the model ranks highest falls short of the best run, in objective units.", ""]
-    lines += validation_table(validation, sign)
+    lines += validation_table(validation)
     if data["noise_sd"] is not None:
         lines += ["", f"Run-to-run noise SD from repeated mixtures: {data['noise_sd']:.4f} (compare with RMSE)."]
     if validation["leave_group_out"]:
-        names = [k for k in validation["leave_group_out"][0] if k not in ("held_out", "n", "fitted_on")]
+        names = ["ensemble"] + [f for f in FAMILIES if any(f in g for g in validation["leave_group_out"])]
         lines += ["", "Leave-group-out (fitted without any run in which the domain has weight 0, predicting those):",
                   "", "| held out | n | fitted on | " + " | ".join(f"{k} Spearman / RMSE" for k in names) + " |",
                   "|---|---|---|" + "---|" * len(names)]
         for g in validation["leave_group_out"]:
-            cells = [f"{'-' if g[k]['spearman'] is None else format(g[k]['spearman'], '.2f')} / {g[k]['rmse']:.4f}"
+            cells = ["-" if k not in g else  # a family that needs more runs than this group left
+                     f"{'-' if g[k]['spearman'] is None else format(g[k]['spearman'], '.2f')} / {g[k]['rmse']:.4f}"
                      for k in names]
             lines.append(f"| {g['held_out']} | {g['n']} | {g['fitted_on']} | " + " | ".join(cells) + " |")
     lines += ["", "## Model", "", "Stacking weights: " + ", ".join(f"{f} {w:.2f}" for f, w in model["weights"].items()),
@@ -1031,7 +1050,9 @@ def write_report(path, data, args, notes, heuristics, validation, model, proposa
               f"{ {k: round(v, 3) for k, v in data['caps'].items()} or 'none'} "
               f"(steps {args.steps} x {args.prompts_per_step} prompts); trust radius {args.trust_radius} "
               f"(Euclidean distance to the nearest observed mixture). Predicted by the `{args.model}` model with "
-              f"{int(INTERVAL * 100)}% bootstrap intervals ({args.bootstrap} refits).", "",
+              f"{int(INTERVAL * 100)}% bootstrap intervals ({args.bootstrap} refits): the uncertainty of the model's "
+              f"prediction given which runs were observed, not the spread of a single new run (add the run-to-run "
+              f"noise for that).", "",
               "| name | source | mixture | predicted | interval | P(better than uniform) |", "|---|---|---|---|---|---|"]
     for p in proposals:
         v = [p["mixture"].get(k, 0.0) for k in d]
@@ -1045,6 +1066,12 @@ def write_report(path, data, args, notes, heuristics, validation, model, proposa
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def shown_path(path):
+    """A path relative to the working directory when it lies below it (reports stay free of home folders)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def write_json_atomic(path, payload):
@@ -1151,7 +1178,11 @@ def run(argv=None):
     settings = settings_of(args)
     families = usable_families(FAMILIES, len(u), len(d), notes)
     chosen = families if args.model == "ensemble" else usable_families([args.model], len(u), len(d), notes)
-    heuristics = paper_heuristics(data, args.alpha_single, notes) if not args.minimize else {}
+    if args.minimize:
+        heuristics = {}
+        note(notes, "the paper's heuristics read in_score and out_score as higher-is-better: skipped with --minimize")
+    else:
+        heuristics = paper_heuristics(data, args.alpha_single, notes)
     low, high, data["caps"] = constraints(args, d, W, notes)
     if len(u) >= 5:
         quad = quad_surface_proposals(W, u, args.top_k, args.seed)
@@ -1161,19 +1192,24 @@ def run(argv=None):
     print(f"{len(u)} distinct mixtures from {data['n_runs']} runs, {len(d)} domains ({', '.join(d)}); "
           f"objective {args.objective} ({'lower' if args.minimize else 'higher'} is better)")
     validation = validate(W, u, families, settings, d)
+    held_out = validation["families"]["ensemble" if args.model == "ensemble" else chosen[0]]["spearman"]
+    if held_out["interval"][0] <= 0:
+        note(notes, f"the {args.model} model's {validation['scheme']} Spearman is {held_out['value']:.2f} "
+                    f"[{held_out['interval'][0]:.2f}, {held_out['interval'][1]:.2f}]: these runs do not yet rank "
+                    f"mixtures reliably, so treat the proposals as the next round of exploration, not as a forecast")
     model = fit_model(W, u, chosen, settings)
     proposals = propose(args, data, model, u, low, high, heuristics, quad)
     os.makedirs(args.out_dir, exist_ok=True)
     plots = plot_all(args.out_dir, data, sign, validation, proposals, model, args.objective)
     payload = {"format_version": 1, "objective": args.objective, "goal": "minimize" if args.minimize else "maximize",
-               "domains": d, "inputs": args.inputs, "model": args.model, "stacking_weights": model["weights"],
+               "domains": d, "inputs": [shown_path(p) for p in args.inputs], "model": args.model, "stacking_weights": model["weights"],
                "proposals": proposals,
                "validation": {name: m for name, m in validation["families"].items()},
                "notes": notes}
     write_json_atomic(os.path.join(args.out_dir, "mixtures.json"), payload)
     seconds = time.time() - started
-    write_report(os.path.join(args.out_dir, "report.md"), data, args, notes, heuristics, validation, model,
-                 proposals, quad, plots, seconds)
+    write_report(os.path.join(args.out_dir, "report.md"), data, args, notes, validation, model, proposals, quad,
+                 plots, seconds)
     print_summary(args, data, validation, proposals, model, seconds)
     return payload
 
@@ -1181,7 +1217,7 @@ def run(argv=None):
 def print_summary(args, data, validation, proposals, model, seconds):
     d = data["domains"]
     print(f"\nvalidation ({validation['scheme']}; {int(INTERVAL * 100)}% bootstrap intervals):")
-    for line in validation_table(validation, 1):
+    for line in validation_table(validation):
         print("  " + line)
     print("\nstacking weights: " + ", ".join(f"{f} {w:.2f}" for f, w in model["weights"].items()))
     print(f"\nmixtures ({args.model} model predictions of {args.objective}):")
