@@ -12,8 +12,10 @@ Input: evaluate.py's results.json files (or folders holding them), or a CSV shap
 `w_<domain>` weight column per domain. The objective is one score (default out_score) or a weighted sum of scores.
 
 What it does, top to bottom:
-1. The paper, exactly: the Alpha (A_in, A_out, A_bal), Coli and Norm heuristics from the seed runs, and its
-   QuadSurface model (least squares on [1, w, w (x) w], Gaussian sampling, top-k).
+1. The paper, exactly: the Alpha (A_in, A_out, A_bal), Coli and Norm heuristics from the seed runs' in_score and
+   out_score (whatever the objective), and its QuadSurface model (least squares on [1, w, w (x) w], Gaussian
+   sampling, top-k). Table 2 rows whose weights the paper did not publish (heuristic, model-based, base) are not
+   fitted.
 2. Model families, all fitted with their penalties chosen by cross-validation on the runs given:
    ridge (linear in w), scheffe (the Scheffe quadratic: w_i and w_i w_j terms, ridge), mixing_law
    (y = c + k exp(t . w), Ye et al. 2024), lasso_gp (a sparse linear model in log(w + floor) plus a Gaussian process
@@ -1193,10 +1195,12 @@ def run(argv=None):
           f"objective {args.objective} ({'lower' if args.minimize else 'higher'} is better)")
     validation = validate(W, u, families, settings, d)
     held_out = validation["families"]["ensemble" if args.model == "ensemble" else chosen[0]]["spearman"]
+    caution = None
     if held_out["interval"][0] <= 0:
-        note(notes, f"the {args.model} model's {validation['scheme']} Spearman is {held_out['value']:.2f} "
-                    f"[{held_out['interval'][0]:.2f}, {held_out['interval'][1]:.2f}]: these runs do not yet rank "
-                    f"mixtures reliably, so treat the proposals as the next round of exploration, not as a forecast")
+        caution = (f"the {args.model} model's {validation['scheme']} Spearman is {held_out['value']:.2f} "
+                   f"[{held_out['interval'][0]:.2f}, {held_out['interval'][1]:.2f}]: these runs do not yet rank "
+                   f"mixtures reliably, so treat the proposals as the next round of exploration, not as a forecast")
+        note(notes, caution)
     model = fit_model(W, u, chosen, settings)
     proposals = propose(args, data, model, u, low, high, heuristics, quad)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -1210,11 +1214,11 @@ def run(argv=None):
     seconds = time.time() - started
     write_report(os.path.join(args.out_dir, "report.md"), data, args, notes, validation, model, proposals, quad,
                  plots, seconds)
-    print_summary(args, data, validation, proposals, model, seconds)
+    print_summary(args, data, validation, proposals, model, seconds, caution)
     return payload
 
 
-def print_summary(args, data, validation, proposals, model, seconds):
+def print_summary(args, data, validation, proposals, model, seconds, caution):
     d = data["domains"]
     print(f"\nvalidation ({validation['scheme']}; {int(INTERVAL * 100)}% bootstrap intervals):")
     for line in validation_table(validation):
@@ -1222,12 +1226,16 @@ def print_summary(args, data, validation, proposals, model, seconds):
     print("\nstacking weights: " + ", ".join(f"{f} {w:.2f}" for f, w in model["weights"].items()))
     print(f"\nmixtures ({args.model} model predictions of {args.objective}):")
     width = max(len(p["name"]) for p in proposals)
-    for p in proposals:
+    for i, p in enumerate(proposals):
+        if i == 0 or p["source"] != proposals[i - 1]["source"]:
+            print(f"  {p['source']}:")
         interval = f" [{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]" if p.get("interval") else ""
         chance = (f"  P(>uniform) {p['p_better_than_uniform']:.2f}" if p.get("p_better_than_uniform") is not None
                   else "")
-        print(f"  {p['name']:<{width}}  {p['predicted']:.4f}{interval}{chance}  "
+        print(f"    {p['name']:<{width}}  {p['predicted']:.4f}{interval}{chance}  "
               f"{mixture_text([p['mixture'][k] for k in d], d)}")
+    if caution:
+        print(f"\ncaution: {caution}")
     print(f"\nwrote {os.path.join(args.out_dir, 'mixtures.json')}, report.md and plots ({seconds:.1f} s)")
 
 
