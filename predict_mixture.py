@@ -40,9 +40,9 @@ import sys
 import time
 
 # Every matrix here is small (runs x terms): BLAS threads only add synchronisation, which on a busy 2-core machine
-# made a 153 x 153 solve 200x slower (97 ms instead of 0.5 ms). Set before numpy loads; an explicit setting wins.
+# made a 153 x 153 solve 200x slower (97 ms instead of 0.5 ms). numpy's OpenBLAS reads this when numpy loads; an
+# explicit setting wins. (OMP_NUM_THREADS is left alone: torch, in a process that imports this, reads it.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from scipy.optimize import minimize, nnls  # noqa: E402
 from scipy.stats import rankdata, spearmanr  # noqa: E402
