@@ -933,7 +933,9 @@ def bootstrap_predictions(model, W, u, V, settings):
 # Report and plots
 
 def mixture_dict(v, domains):
-    return {d: round(float(w), 4) for d, w in zip(domains, v)}
+    """{domain: weight} for mixtures.json: only positive weights, like the mixtures evaluate.py records, so that
+    train_grpo.py does not ask for a domain the proposal does not use."""
+    return {d: round(float(w), 4) for d, w in zip(domains, v) if round(float(w), 4) > 0}
 
 
 def mixture_text(v, domains):
@@ -1233,7 +1235,7 @@ def print_summary(args, data, validation, proposals, model, seconds, caution):
         chance = (f"  P(>uniform) {p['p_better_than_uniform']:.2f}" if p.get("p_better_than_uniform") is not None
                   else "")
         print(f"    {p['name']:<{width}}  {p['predicted']:.4f}{interval}{chance}  "
-              f"{mixture_text([p['mixture'][k] for k in d], d)}")
+              f"{mixture_text([p['mixture'].get(k, 0.0) for k in d], d)}")
     if caution:
         print(f"\ncaution: {caution}")
     print(f"\nwrote {os.path.join(args.out_dir, 'mixtures.json')}, report.md and plots ({seconds:.1f} s)")
