@@ -1,0 +1,397 @@
+"""predict_mixture.py: the paper's heuristics on hand-checked examples, the Table 2 replication, the model families on
+known surfaces, validation metrics, constrained proposals, RegMix's real runs, and every bad input."""
+import csv
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import predict_mixture as pm  # noqa: E402  (first: one BLAS thread, when numpy is not loaded yet)
+import regmix_benchmark  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAST = ["--quiet", "--repeats=1", "--bootstrap=20"]
+SETTINGS = {"log_floor": 0.01, "seed": 0, "folds": 5, "repeats": 1, "bootstrap": 20, "quiet": True}
+
+
+def write_results(folder, name, mixture, out_score, in_score=0.5, step=100):
+    """A results.json shaped like evaluate.py's."""
+    path = os.path.join(folder, name, "results.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"model": name, "run": name, "step": step, "mixture": mixture,
+                   "benchmarks": {"chartqa": {"score": out_score, "n": 10, "metric": "relaxed"}},
+                   "in_score": in_score, "out_score": out_score}, f)
+    return path
+
+
+def run_main(capsys, argv):
+    """main() as the command line runs it: the exit code (0 when it returned) and what it printed."""
+    try:
+        pm.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def assert_error(capsys, argv, message):
+    """The command stops with exit code 2 and one clear line holding `message`."""
+    code, _, err = run_main(capsys, argv + FAST)
+    last = err.strip().splitlines()[-1]  # notes on the input may come first
+    assert code == 2 and last.startswith("error: ") and message in last, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's heuristics, by hand
+
+def test_alpha_on_a_hand_computed_example():
+    # singles 1, 2, 3 and the all-run; alpha_single = 0.5
+    W = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
+    s_in, s_out = np.array([0.2, 0.4, 0.6, 0.5]), np.array([0.3, 0.1, 0.2, 0.4])
+    # In sums: 0.1+0.5, 0.2+0.5, 0.3+0.5 -> min-max 0, 0.5, 1.  Out sums: 0.55, 0.45, 0.5 -> 1, 0, 0.5.
+    np.testing.assert_allclose(pm.alpha_mixture(W, s_in, s_out, 1.0, 0.5), [0, 1 / 3, 2 / 3])
+    np.testing.assert_allclose(pm.alpha_mixture(W, s_in, s_out, 0.0, 0.5), [2 / 3, 0, 1 / 3])
+    np.testing.assert_allclose(pm.alpha_mixture(W, s_in, s_out, 0.5, 0.5), [1 / 3, 1 / 6, 1 / 2])
+
+
+def test_coli_on_a_hand_computed_example():
+    # runs {1}, {2}, {1,2}: X^T X = [[2,1],[1,2]], inverse 1/3 [[2,-1],[-1,2]], VIF = 2/3 each (ridge ~ 0);
+    # beta = 1/3 (2a - b + c, 2b - a + c) with a, b, c = 0.4, 0.2, 0.5 -> s = beta / VIF = (0.55, 0.25)
+    W = np.array([[1, 0], [0, 1], [0.5, 0.5]])
+    np.testing.assert_allclose(pm.coli_mixture(W, np.array([0.4, 0.2, 0.5])), [0.6875, 0.3125], rtol=2e-3)
+
+
+def test_norm_on_table2_by_hand():
+    # Exclude-one Out-Scores of Table 2: without coco .5146, lisa .4783, geoqav .4889, sat .4721, scienceqa .4930;
+    # min-max over .0425 (s = 1, 62/425, 168/425, 0, 209/425), then 0.2 - 0.1 s: .1, .185412, .160471, .2, .150824,
+    # normalised by their sum .796706
+    data = pm.build_dataset(pm.read_runs([pm.TABLE2], "last", []), "out_score", [])
+    weights = pm.paper_heuristics(data, 1.0, [])["norm"]
+    np.testing.assert_allclose(weights, [0.125517, 0.232723, 0.201418, 0.251034, 0.189309], atol=1e-6)
+
+
+def test_heuristics_need_seed_runs_and_say_so():
+    W = np.array([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]])  # no run weights its included domains equally
+    with pytest.raises(ValueError, match="exclude-one"):
+        pm.norm_mixture(W, np.array([0.1, 0.2, 0.3]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 2: the shipped data and the paper's procedure
+
+def test_table2_scores_recompute_from_their_columns():
+    """In/Out are test-size-weighted means (README): every row must recompute to 4 decimals."""
+    sizes_in = {"LISA": 3397, "SAT": 1928, "ScienceQA": 2017}
+    sizes_out = {"ChartQA": 2500, "InfoVQA": 2801, "MathVista": 1000, "MMMU": 900}
+    with open(pm.TABLE2) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 42
+    for row in rows:
+        for sizes, column in ((sizes_in, "InScore"), (sizes_out, "OutScore")):
+            mean = sum(float(row[k]) * n for k, n in sizes.items()) / sum(sizes.values())
+            assert abs(mean - float(row[column])) < 6e-5, (row["group"], row["run"], column)
+
+
+def test_table2_seed_rows_become_mixtures():
+    notes = []
+    runs = pm.read_runs([pm.TABLE2], "last", notes)
+    assert [r["label"] for r in runs][:2] == ["Single 1", "Single 2"] and len(runs) == 11
+    assert runs[5]["mixture"] == {"lisa": 0.25, "geoqav": 0.25, "sat": 0.25, "scienceqa": 0.25}  # ExcludeOne 2345
+    assert "31 rows have no known mixture" in notes[0]
+
+
+def test_quad_surface_is_the_papers_31_features_and_recovers_a_quadratic():
+    rng = np.random.default_rng(1)
+    W = rng.dirichlet(np.ones(5), 40)
+    quadratic = lambda V: 0.3 + V @ [0.1, -0.2, 0.3, 0.0, 0.05] + 0.4 * V[:, 0] * V[:, 2] - 0.3 * V[:, 1] ** 2
+    assert pm.quad_surface_features(W).shape == (40, 31)
+    new = rng.dirichlet(np.ones(5), 10)
+    np.testing.assert_allclose(pm.fit_quad_surface(W, quadratic(W), seed=0)(new), quadratic(new), atol=1e-8)
+    proposals, scores = pm.quad_surface_proposals(W, quadratic(W), k=10, seed=0)
+    assert proposals.shape == (10, 5) and (proposals >= 0).all()
+    np.testing.assert_allclose(proposals.sum(1), 1)
+    np.testing.assert_allclose(scores, quadratic(proposals), atol=1e-8)
+    assert (np.diff(scores) <= 0).all()
+
+
+@pytest.fixture(scope="module")
+def table2_output(tmp_path_factory):
+    """The default command (no arguments but the output folder), as a user runs it."""
+    out = tmp_path_factory.mktemp("table2")
+    payload = pm.run(["--quiet", f"--out_dir={out}"])
+    return out, payload
+
+
+def test_default_run_on_table2_writes_a_mixture_file_train_grpo_reads(table2_output):
+    out, payload = table2_output
+    with open(out / "mixtures.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(payload))
+    names = [p["name"] for p in saved["proposals"]]
+    assert names[:5] == [f"proposal_{i}" for i in range(1, 6)]
+    assert {"uniform", "alpha_in", "alpha_out", "alpha_bal", "coli", "norm", "quad_surface_10"} <= set(names)
+    for p in saved["proposals"]:  # only the domains a proposal uses, as evaluate.py records mixtures
+        assert set(p["mixture"]) <= set(pm.PAPER_DOMAINS) and min(p["mixture"].values()) > 0
+        assert abs(sum(p["mixture"].values()) - 1) < 2e-3
+    assert saved["proposals"][names.index("alpha_in")]["mixture"].keys() == {"coco", "lisa", "sat", "scienceqa"}
+    first = saved["proposals"][0]
+    assert first["interval"][0] <= first["interval"][1] and 0 <= first["p_better_than_uniform"] <= 1
+    for p in saved["proposals"][:5]:  # caps from the paper's sizes: LISA 1326 / (2000 x 2), GeoQAV 1969 / 4000
+        assert p["mixture"].get("lisa", 0) <= 0.3315 + 1e-3 and p["mixture"].get("geoqav", 0) <= 0.49225 + 1e-3
+        assert p["within_constraints"]
+    assert {"cv_predicted_vs_actual.png", "proposals_vs_uniform.png", "interactions.png", "report.md"} <= \
+        set(os.listdir(out))
+
+
+def test_default_run_reports_every_family_and_the_papers_model(table2_output):
+    out, payload = table2_output
+    assert set(payload["validation"]) == {"ensemble", "ridge", "scheffe", "mixing_law", "lasso_gp", "quad_surface"}
+    for m in payload["validation"].values():
+        for key in ("spearman", "rmse", "regret_top1", "regret_top3"):
+            low, high = m[key]["interval"]
+            assert low <= high and -1 <= m["spearman"]["value"] <= 1
+    assert abs(sum(payload["stacking_weights"].values()) - 1) < 1e-9
+    report = (out / "report.md").read_text()
+    assert "Leave-group-out" in report and "runs without coco" in report and "norm" in report
+    # 11 seed runs rank mixtures poorly (measured): the report must say the proposals are exploratory
+    assert any("do not yet rank mixtures reliably" in n for n in payload["notes"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model families on surfaces with a known answer
+
+def test_families_recover_their_own_kind_of_surface():
+    rng = np.random.default_rng(0)
+    W, new = rng.dirichlet(np.ones(4), 40), rng.dirichlet(np.ones(4), 200)
+    surfaces = {
+        "ridge": lambda V: V @ [0.2, -0.1, 0.4, 0.0],
+        "scheffe": lambda V: V @ [0.2, -0.1, 0.4, 0.0] + 0.8 * V[:, 0] * V[:, 1],
+        "mixing_law": lambda V: 1.0 + 2.0 * np.exp(-3 * V[:, 0] + V[:, 1]),
+        "lasso_gp": lambda V: -np.log(V[:, 2] + 0.01),
+    }
+    for family, surface in surfaces.items():
+        model = pm.FIT[family](W, surface(W), SETTINGS)
+        assert pm.spearman(model["predict"](new), surface(new)) > 0.99, family
+
+
+def test_scheffe_interaction_matrix_finds_the_one_interaction():
+    rng = np.random.default_rng(0)
+    W = rng.dirichlet(np.ones(4), 60)
+    model = pm.fit_scheffe(W, W @ [0.2, -0.1, 0.4, 0.0] + 0.8 * W[:, 0] * W[:, 1], SETTINGS)
+    matrix = model["interactions"]
+    assert matrix[0, 1] == matrix[1, 0] and abs(matrix[0, 1] - 0.8) < 0.05
+    assert np.abs(matrix - np.diag(np.diag(matrix)))[2:, :].max() < 0.05
+
+
+def test_lasso_is_sparse_with_fewer_runs_than_domains():
+    """12 runs, 17 domains, the objective driven by one domain's log weight: the lasso's first step."""
+    rng = np.random.default_rng(3)
+    W, new = rng.dirichlet(np.ones(17) * 0.3, 12), rng.dirichlet(np.ones(17) * 0.3, 300)
+    target = lambda V: -np.log(V[:, 11] + 0.01)
+    assert pm.spearman(pm.fit_lasso_gp(W, target(W), SETTINGS)["predict"](new), target(new)) > 0.95
+
+
+def test_stacking_weights_favour_the_right_family_and_sum_to_one():
+    rng = np.random.default_rng(0)
+    W = rng.dirichlet(np.ones(4), 30)
+    u = 1.0 + 2.0 * np.exp(-3 * W[:, 0] + W[:, 1]) + rng.normal(0, 0.01, 30)
+    model = pm.fit_model(W, u, pm.FAMILIES, SETTINGS)
+    weights = model["weights"]
+    assert abs(sum(weights.values()) - 1) < 1e-9 and min(weights.values()) >= 0
+    assert weights["ridge"] < 0.5
+    ranks = pm.rank_scores(model, W)
+    assert pm.spearman(ranks, u) > 0.95
+
+
+def test_metrics_by_hand():
+    m = pm.metrics_with_intervals(np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 3.0]), seed=0)
+    assert m["spearman"]["value"] == pytest.approx(-1)
+    assert m["rmse"]["value"] == pytest.approx(np.sqrt(8 / 3))
+    assert m["regret_top1"]["value"] == pytest.approx(2.0)  # picks actual 1 where 3 was possible
+    assert m["regret_top3"]["value"] == pytest.approx(0.0)
+    assert pm.spearman(np.ones(3), np.arange(3.0)) == 0.0  # a constant prediction ranks nothing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Proposals
+
+def test_proposals_respect_bounds_caps_and_trust_region(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for i, w in enumerate(rng.dirichlet(np.ones(3), 12)):
+        mixture = dict(zip(["a", "b", "c"], w.tolist()))
+        write_results(tmp_path / "runs", f"r{i}", mixture, out_score=float(0.3 + 0.2 * w[0] - 0.1 * w[1] ** 2))
+    out = tmp_path / "out"
+    code, _, _ = run_main(capsys, [str(tmp_path / "runs"), f"--out_dir={out}", "--bounds=c:0.1-0.5",
+                                     "--sizes=a:300,b:1000,c:1000", "--steps=100", "--prompts_per_step=4",
+                                     "--trust_radius=0.2", "--proposals=3"] + FAST)
+    assert code == 0
+    saved = json.loads((out / "mixtures.json").read_text())
+    W = np.array([[m for m in json.load(open(p))["mixture"].values()] for p in
+                  sorted(str(q) for q in (tmp_path / "runs").glob("*/results.json"))])
+    proposals = [p for p in saved["proposals"] if p["source"] == "model"]
+    assert len(proposals) == 3
+    for p in proposals:
+        v = np.array([p["mixture"].get(d, 0.0) for d in "abc"])
+        assert v[0] <= 0.75 + 1e-3 and 0.1 - 1e-3 <= v[2] <= 0.5 + 1e-3  # cap a = 300 / (100 x 4)
+        assert np.sqrt(((W - v) ** 2).sum(1)).min() <= 0.2 + 1e-3
+    vs = [np.array([p["mixture"].get(d, 0.0) for d in "abc"]) for p in proposals]
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(vs) for b in vs[i + 1:]) >= 0.05 - 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RegMix: real outcomes (the full table: benchmarks/regmix_benchmark.py, 10 draws)
+
+def test_regmix_rows_n20_and_n512():
+    """Fit on 1M-parameter runs, rank the 64 1B runs by pile_cc loss. Measured by the benchmark (10 draws): 0.884 at
+    n = 20 and 0.961 at n = 512; the issue's targets (0.90, 0.98) are not met (RegMix's LightGBM: 0.971 at 512).
+    This test takes the benchmark's first 5 of 10 draws at n = 20 (mean 0.891) to stay fast, and guards the
+    measured level with a margin of 0.03 and 0.02."""
+    data = regmix_benchmark.load("pile_cc")
+    settings = pm.settings_of(pm.get_args(["--quiet"]))
+    row20 = regmix_benchmark.benchmark_row(20, 5, data, "test_1b", settings, seed=20)
+    row512 = regmix_benchmark.benchmark_row(512, 10, data, "test_1b", settings, seed=512)
+    assert row512["draws"] == 1  # every training run: only one draw is possible
+    assert np.mean(row20["spearman"]["ensemble"]) >= 0.86
+    assert np.mean(row512["spearman"]["ensemble"]) >= 0.94
+
+
+def test_regmix_other_loss_columns_work_the_same_way():
+    domains, W, loss, W_test, loss_test = regmix_benchmark.load("github")
+    assert W.shape == (512, 17) and W_test.shape == (64, 17) and domains[6] == "github"
+    with pytest.raises(SystemExit, match="no loss column"):
+        regmix_benchmark.load("nih_exporter")  # a training domain without a validation loss column
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear message naming the file, row or field, never a traceback
+
+def seed_runs_for(folder, domains=("a", "b", "c")):
+    """Exclude-one, single and all-runs over three domains."""
+    scores = {"a": 0.40, "b": 0.45, "c": 0.42, "ab": 0.47, "ac": 0.44, "bc": 0.49, "abc": 0.46}
+    for name, score in scores.items():
+        write_results(folder, name, {d: 1 / len(name) for d in name}, score)
+
+
+def test_weights_not_summing_to_one_are_normalised_with_a_note(tmp_path, capsys):
+    seed_runs_for(tmp_path / "runs")
+    write_results(tmp_path / "runs", "unnormalised", {"a": 2, "b": 2}, 0.47)  # = the ab mixture: averaged
+    code, _, err = run_main(capsys, [str(tmp_path / "runs"), f"--out_dir={tmp_path / 'o'}"] + FAST)
+    assert code == 0
+    assert "1 mixtures did not sum to 1 (sums 4 to 4" in err and "unnormalised" in err and "normalised" in err
+    assert "1 mixtures were run more than once (2 runs): averaged" in err
+
+
+def test_repeated_runs_are_averaged_and_give_the_noise(tmp_path):
+    seed_runs_for(tmp_path / "runs")
+    write_results(tmp_path / "runs", "again", {"a": 1.0}, 0.44)  # "a" scored 0.40 before: SD of (0.40, 0.44)
+    notes = []
+    data = pm.build_dataset(pm.read_runs([str(tmp_path / "runs")], "last", notes), "out_score", notes)
+    assert len(data["y"]) == 7 and data["n_runs"] == 8
+    assert data["y"][data["labels"].index("a = again")] == pytest.approx(0.42)
+    assert data["noise_sd"] == pytest.approx(np.sqrt(0.02 ** 2 * 2))
+
+
+def test_negative_weight_is_an_error_naming_file_and_domain(tmp_path, capsys):
+    seed_runs_for(tmp_path / "runs")
+    bad = write_results(tmp_path / "runs", "neg", {"a": 1.2, "b": -0.2}, 0.4)
+    assert_error(capsys, [str(tmp_path / "runs")], f"error: {bad}: weight of 'b' is negative (-0.2)")
+
+
+def test_non_numeric_weight_and_bad_json_are_errors(tmp_path, capsys):
+    seed_runs_for(tmp_path / "runs")
+    bad = write_results(tmp_path / "runs", "text", {"a": "half", "b": 0.5}, 0.4)
+    assert_error(capsys, [str(tmp_path / "runs")], f"{bad}: weight of 'a' is 'half', not a finite number")
+    with open(bad, "w") as f:
+        f.write("{not json")
+    assert_error(capsys, [str(tmp_path / "runs")], f"error: {bad}: cannot read it as JSON")
+
+
+def test_domain_sets_differ_across_files(tmp_path, capsys):
+    seed_runs_for(tmp_path / "runs")  # results files list only the domains a run trained on: missing = weight 0
+    notes = []
+    data = pm.build_dataset(pm.read_runs([str(tmp_path / "runs")], "last", notes), "out_score", notes)
+    assert data["domains"] == ["a", "b", "c"] and any("missing domains count as weight 0" in n for n in notes)
+    for name, mixture in {"x1": {"x": 0.5, "y": 0.5}, "x2": {"x": 1.0}}.items():  # another study's runs
+        write_results(tmp_path / "runs", name, mixture, 0.3)
+    code, _, err = run_main(capsys, [str(tmp_path / "runs"), f"--out_dir={tmp_path / 'o'}"] + FAST)
+    assert code == 0 and "no trained domain in common (['a', 'b', 'c']; ['x', 'y'])" in err
+
+
+def test_too_few_runs_for_a_family_falls_back_and_says_so(tmp_path, capsys):
+    for name, score in {"a": 0.40, "b": 0.45, "ab": 0.47, "abc": 0.46}.items():
+        write_results(tmp_path / "runs", name, {d: 1 / len(name) for d in name}, score)
+    code, _, err = run_main(capsys, [str(tmp_path / "runs"), "--model=scheffe",
+                                     f"--out_dir={tmp_path / 'o'}"] + FAST)
+    assert code == 0
+    assert "scheffe needs at least 5 distinct mixtures for 3 domains, got 4: using ridge instead" in err
+    assert "mixing_law needs at least 5 distinct mixtures for 3 domains, got 4: left out of the ensemble" in err
+    assert "QuadSurface needs at least 5 distinct mixtures" in err
+    write_results(tmp_path / "runs", "abc", {"a": 0.5, "b": 0.5}, 0.46)  # now only 3 -> 2 distinct mixtures
+    os.remove(tmp_path / "runs" / "a" / "results.json")
+    assert_error(capsys, [str(tmp_path / "runs")], "need at least 3 distinct mixtures to fit anything; got 2")
+
+
+def test_csv_errors_name_the_row_and_column(tmp_path, capsys):
+    bad = tmp_path / "t.csv"
+    bad.write_text("group,run,OutScore\nSingle,1,0.4\nSingle,6,0.5\n")
+    assert_error(capsys, [str(bad)], f"{bad} row 3: run '6' names dataset digit 6 (the paper's datasets are 1-5)")
+    bad.write_text("w_a,w_b,OutScore\n0.5,0.5,0.4\n1,0,n/a\n0,1,0.3\n")
+    assert_error(capsys, [str(bad)], f"{bad} row 3 column OutScore: 'n/a' is not a number")
+    bad.write_text("name,OutScore\nx,0.4\n")
+    assert_error(capsys, [str(bad)], "no mixture columns")
+    assert_error(capsys, [str(tmp_path / "missing.csv")], "missing.csv: no such file or folder")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--objective=mmmu"], "no score 'mmmu' for --objective='mmmu'; it has ['chartqa', 'in_score', 'out_score']"),
+    (["--objective=half*out_score"], "'half' is not a number"),
+    (["--objective=in_score"], "is the same (0.5) for every run: nothing to learn"),
+    (["--bounds=a:0.6-1,b:0.6-1"], "no mixture satisfies the bounds and caps: lower bounds sum to 1.200"),
+    (["--bounds=z:0-1"], "--bounds: unknown domain 'z'; the runs' domains are ['a', 'b', 'c']"),
+    (["--bounds=a:0.5"], "--bounds: a:0.5 should be a:low-high"),
+    (["--step=best"], "--step=best: expected 'last', 'stepavg' or a step number"),
+])
+def test_bad_options_are_errors_that_say_what_exists(tmp_path, capsys, options, message):
+    seed_runs_for(tmp_path / "runs")
+    assert_error(capsys, [str(tmp_path / "runs")] + options, message)
+
+
+def test_help_explains_the_script(capsys):
+    code, printed, _ = run_main(capsys, ["--help"])
+    assert code == 0 and "--objective" in printed and "mixtures.json" in printed and "Alpha" in printed
+
+
+def test_several_checkpoints_of_a_run_use_the_last_or_the_stepavg(tmp_path):
+    seed_runs_for(tmp_path / "runs")
+    write_results(tmp_path / "runs" / "a" / "eval", "ckpt-50", {"a": 1.0}, 0.30, step=50)
+    stepavg = write_results(tmp_path / "runs" / "a" / "eval", "stepavg", {"a": 1.0}, 0.35, step=None)
+    for path in (tmp_path / "runs" / "a" / "eval").glob("*/results.json"):  # same run name as the step-100 file
+        path.write_text(path.read_text().replace('"run": "ckpt-50"', '"run": "a"').replace('"run": "stepavg"',
+                                                                                           '"run": "a"'))
+    notes = []
+    last = pm.build_dataset(pm.read_runs([str(tmp_path / "runs")], "last", notes), "out_score", notes)
+    assert last["y"][last["labels"].index("a")] == pytest.approx(0.40)  # step 100 beats step 50
+    assert any("run a: 3 results files; using step 100" in n for n in notes)
+    notes = []
+    averaged = pm.read_runs([str(tmp_path / "runs")], "stepavg", notes)  # only run a has a StepAvg file
+    assert [(r["where"], r["scores"]["out_score"]) for r in averaged] == [(stepavg, 0.35)]
+    assert "run b: no results for --step=stepavg (it has steps ['100']); left out" in notes
+
+
+def test_availability_caps_from_a_manifest(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format_version": 1, "datasets": {
+        "a": {"role": "train", "splits": {"train": {"path": "a/train", "rows": 100}}},
+        "b": {"role": "train", "splits": {"train": {"path": "b/train", "rows": 1000}}}}}))
+    args = pm.get_args([f"--manifest={manifest}", "--steps=50", "--prompts_per_step=4"])
+    W = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    low, high, caps = pm.constraints(args, ["a", "b"], W, [])
+    assert caps == {"a": 0.5, "b": 1.0}  # 100 rows / (50 steps x 4 prompts)
+    np.testing.assert_allclose(high, [0.5, 1.0])
+    np.testing.assert_allclose(low, [0.0, 0.0])
