@@ -1,0 +1,393 @@
+"""prepare_data.py: every converter on raw-schema fixtures (bad rows included), the manifest, idempotent and
+interrupted runs, and the synthetic suite (gold answers earn the maximal reward, fingerprints follow the seed)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+
+import prepare_data as P
+import raw_fixtures as F
+import rewards
+
+SUFFIX_OPTION = (" Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> "
+                 "tags.")
+SUFFIX_PLAIN = " Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+
+
+def build(data_dir, dataset, source, split=None, *flags):
+    P.main(["--dataset", dataset, "--source", str(source), "--data-dir", str(data_dir), *flags] +
+           (["--split", split] if split else []))
+
+
+def load(data_dir, domain, split):
+    return datasets.load_from_disk(os.path.join(data_dir, domain, split))
+
+
+def manifest(data_dir):
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+def skipped(data_dir, domain, split):
+    return [(s["row"], s["reason"]) for s in manifest(data_dir)["datasets"][domain]["splits"][split]["skipped"]]
+
+
+def gold_completion(answer, rationale="reasoning"):
+    return f"<think>\n{rationale}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper training sets
+
+def test_coco_boxes_move_from_the_0_1000_grid_to_pixels_and_bad_rows_are_skipped(tmp_path):
+    build(tmp_path / "data", "coco", F.save(F.coco(), tmp_path / "raw", split="train"))
+    ds = load(tmp_path / "data", "coco", "train")
+    assert len(ds) == 2
+    first, no_object = ds[0], ds[1]
+    meta = json.loads(first["meta"])
+    # [100, 0, 950, 411] and [0, 500, 500, 1000] on the grid of a 200x100 image
+    assert first["solution"] == "<answer>[[20, 0, 190, 41.1], [0, 50, 100, 100]]</answer>"
+    assert meta["box_convention"] == "qwen1000" and meta["image_size"] == [200, 100]
+    assert meta["source"] == {"dataset": str(tmp_path / "raw"), "split": "train", "row": 0}
+    assert first["id"] == "coco-train-0" and first["domain"] == "coco"
+    assert first["problem"] == F.COCO_PROBLEM  # Visual-RFT's prompt already says where the answer goes
+    assert no_object["solution"] == "<answer>[]</answer>" and json.loads(no_object["meta"])["source"]["row"] == 5
+    # the image is stored byte for byte
+    raw_bytes = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]["bytes"]
+    assert raw_bytes == F.image(200, 100)["bytes"]
+    # a model answering on the grid, as the prompt asks, earns the maximum
+    answer = "[{'Position': [100, 0, 950, 411], 'Confidence': 1}, {'Position': [0, 500, 500, 1000], 'Confidence': 1}]"
+    assert rewards.score(gold_completion(answer), first["solution"], "coco", meta)["total"] == pytest.approx(3.0)
+    reasons = skipped(tmp_path / "data", "coco", "train")
+    assert [row for row, _ in reasons] == [1, 2, 3, 4]
+    assert reasons[0][1] == "missing field 'solution'"
+    assert reasons[1][1] == "undecodable image in 'image': UnidentifiedImageError: cannot identify image file"
+    assert reasons[2][1] == "box outside the image: [0.0, 0.0, 1200.0, 500.0] is outside the 0-1000 grid"
+    assert reasons[3][1].startswith("unparsable solution: no [x1, y1, x2, y2] box in ")
+    assert manifest(tmp_path / "data")["datasets"]["coco"]["splits"]["train"]["n_skipped"] == 4
+
+
+def test_lisa_shrinks_long_images_to_640_and_moves_the_box_with_them(tmp_path):
+    data = tmp_path / "data"
+    build(data, "lisa", F.save(F.lisa_train(), tmp_path / "raw_train"), "train")
+    # the -test repository's only split is named "train": it is read whatever its name
+    build(data, "lisa", F.save(F.lisa_test(), tmp_path / "raw_test", split="train"), "test")
+    ds = load(data, "lisa", "train")
+    assert len(ds) == 1
+    meta = json.loads(ds[0]["meta"])
+    assert meta["image_size"] == [640, 160] and ds[0]["image"].size == (640, 160)
+    assert ds[0]["solution"] == "<answer>[50, 20, 150, 100]</answer>" and meta["box_convention"] == "pixel"
+    assert ds[0]["problem"] == F.LISA_PROBLEM
+    stored = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]["bytes"]
+    assert stored[:2] == b"\xff\xd8"  # a shrunk photo stays a JPEG
+    assert skipped(data, "lisa", "train") == [
+        (1, "box outside the image: [0.0, 0.0, 700.0, 100.0] is outside the 600x300 image"),
+        (2, "2 boxes for a one-box grounding question"),
+        (3, "missing field 'problem'")]
+    test = load(data, "lisa", "test")
+    assert test[0]["solution"] == "<answer>[10, 20, 110, 120]</answer>"
+    assert rewards.score(gold_completion("[10, 20, 110, 120]"), test[0]["solution"], "lisa",
+                         json.loads(test[0]["meta"]))["total"] == pytest.approx(3.0)
+
+
+def test_sat_answers_become_option_letters(tmp_path):
+    build(tmp_path / "data", "sat", F.save(F.sat(), tmp_path / "raw"), "train")
+    ds = load(tmp_path / "data", "sat", "train")
+    assert [r["solution"] for r in ds] == ["<answer>B</answer>", "<answer>B</answer>"]
+    assert ds[0]["problem"] == "Is the chair to the left of the table?\n(A) yes\n(B) no" + SUFFIX_OPTION
+    assert json.loads(ds[1]["meta"])["options"] == {"A": "yes", "B": "no"}
+    reasons = skipped(tmp_path / "data", "sat", "train")
+    assert reasons[0][0] == 2 and reasons[0][1].startswith("unparsable solution: sat: solution '<answer>left</answer>'")
+    assert reasons[1] == (3, "answer 'C' is not one of the options A, B")
+
+
+def test_scienceqa_reads_options_folded_into_the_question(tmp_path):
+    build(tmp_path / "data", "scienceqa", F.save(F.scienceqa(), tmp_path / "raw"), "train")
+    ds = load(tmp_path / "data", "scienceqa", "train")
+    assert len(ds) == 1
+    meta = json.loads(ds[0]["meta"])
+    assert meta["options"] == {"A": "It eats another organism.", "B": "It makes its own food.",
+                               "C": "It eats a consumer."}
+    assert ds[0]["solution"] == "<answer>B</answer>" and ds[0]["problem"].endswith("consumer." + SUFFIX_OPTION)
+    # the option's text is accepted as well as its letter
+    assert rewards.score(gold_completion("It makes its own food."), ds[0]["solution"], "scienceqa",
+                         meta)["total"] == pytest.approx(3.0)
+    assert skipped(tmp_path / "data", "scienceqa", "train") == [(1, "no lettered options in the problem")]
+
+
+def test_geoqav_keeps_only_answers_that_are_options_and_shrinks_images(tmp_path):
+    build(tmp_path / "data", "geoqav", F.save(F.geoqav(), tmp_path / "raw"))
+    ds = load(tmp_path / "data", "geoqav", "train")
+    meta = json.loads(ds[0]["meta"])
+    assert len(ds) == 1 and meta["image_size"] == [640, 320]
+    assert meta["options"] == {"A": "30°", "B": "40°", "C": "50°", "D": "60°"}
+    assert ds[0]["solution"] == "<answer>D</answer>"
+    assert skipped(tmp_path / "data", "geoqav", "train") == [(1, "answer '60' is not one of the options A, B")]
+
+
+def test_geoqa_keeps_numeric_answers(tmp_path):
+    build(tmp_path / "data", "geoqa", F.save(F.geoqa(), tmp_path / "raw"))
+    ds = load(tmp_path / "data", "geoqa", "train")
+    assert [r["solution"] for r in ds] == ["<answer>145</answer>"]
+    assert ds[0]["problem"] == F.geoqa()[0]["problem"] + SUFFIX_OPTION
+    reasons = skipped(tmp_path / "data", "geoqa", "train")
+    assert reasons[0][0] == 1 and reasons[0][1].startswith("unparsable solution: geoqa: ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out-of-domain benchmarks
+
+def test_chartqa_from_a_hub_snapshot_folder(tmp_path):
+    # a parquet folder goes through datasets.load_dataset, the code path of a hub name
+    build(tmp_path / "data", "chartqa", F.save_hub_snapshot(F.chartqa(), tmp_path / "ChartQA", "test"))
+    ds = load(tmp_path / "data", "chartqa", "test")
+    assert len(ds) == 1
+    assert ds[0]["problem"] == ("How many food item is shown in the bar graph?\nAnswer the question with a single "
+                                "word." + SUFFIX_PLAIN)
+    assert ds[0]["solution"] == "<answer>14</answer>" and json.loads(ds[0]["meta"])["type"] == "human_test"
+    assert skipped(tmp_path / "data", "chartqa", "test") == [(1, "missing field 'answer'")]
+
+
+def test_infovqa_keeps_every_accepted_answer(tmp_path):
+    build(tmp_path / "data", "infovqa", F.save(F.infovqa(), tmp_path / "raw", split="validation"))
+    ds = load(tmp_path / "data", "infovqa", "val")
+    assert ds[0]["problem"] == ("Which social platform has heavy female audience?\nAnswer the question using a single "
+                                "word or phrase." + SUFFIX_PLAIN)
+    assert ds[0]["solution"] == "<answer>pinterest</answer>"
+    assert json.loads(ds[0]["meta"])["answers"] == ["pinterest", "Pinterest"]
+    assert skipped(tmp_path / "data", "infovqa", "val") == [(1, "missing field 'answers'")]
+
+
+def test_mathvista_prompts_name_the_answer_form(tmp_path):
+    build(tmp_path / "data", "mathvista", F.save(F.mathvista(), tmp_path / "raw", split="testmini"))
+    ds = load(tmp_path / "data", "mathvista", "testmini")
+    assert len(ds) == 3
+    assert ds[0]["problem"] == ("When a spring does work on an object, by what distance is it compressed? (Unit: m)\n"
+                                "Answer the question using a single floating-point number with one decimal place."
+                                + SUFFIX_PLAIN)
+    assert ds[0]["solution"] == "<answer>1.2</answer>"
+    assert ds[1]["problem"] == ("Find x.\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer with the option's letter from the given "
+                                "choices directly." + SUFFIX_OPTION)
+    assert ds[1]["solution"] == "<answer>C</answer>"
+    assert json.loads(ds[1]["meta"])["options"] == {"A": "3", "B": "4", "C": "5", "D": "6"}
+    assert ds[2]["problem"].endswith("How many cubes are there?\nAnswer the question using a single integer number."
+                                     + SUFFIX_PLAIN)
+    assert skipped(tmp_path / "data", "mathvista", "testmini") == [(3, "answer 'c' is not one of the choices")]
+
+
+def test_mmmu_tiles_several_images_into_one_labelled_composite(tmp_path):
+    build(tmp_path / "data", "mmmu", F.save(F.mmmu(), tmp_path / "raw", split="validation"))
+    ds = load(tmp_path / "data", "mmmu", "val")
+    assert len(ds) == 3
+    single, pair, open_question = ds[0], ds[1], ds[2]
+    assert single["image"].size == (80, 40)
+    assert single["problem"] == ("<image 1> What is the focal length?\nA. 1 m\nB. 2 m\n\nAnswer with the option's "
+                                 "letter from the given choices directly." + SUFFIX_OPTION)
+    assert single["solution"] == "<answer>B</answer>"
+    # 200x200 and 100x200 side by side (300x200) is squarer than stacked (200x600)
+    assert pair["image"].size == (300, 200) and json.loads(pair["meta"])["image_size"] == [300, 200]
+    composite = pair["image"].convert("RGB")
+    assert composite.getpixel((180, 180)) == (255, 0, 0) and composite.getpixel((280, 180)) == (0, 0, 255)
+    assert composite.getpixel((2, 2)) == (255, 255, 255)  # the white label "<image 1>" in the corner
+    assert json.loads(pair["meta"])["options"] == {"A": "<image 1>", "B": "<image 2>"}
+    assert open_question["problem"] == ("<image 1> Compute the ratio.\n\nAnswer the question using a single word or "
+                                        "phrase." + SUFFIX_PLAIN)
+    assert json.loads(open_question["meta"])["answers"] == ["0.5", "1/2"]
+    assert skipped(tmp_path / "data", "mmmu", "val") == [(3, "missing field 'image_2'")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input, the manifest, re-runs and interruptions
+
+def test_strict_stops_at_the_first_bad_row_naming_dataset_split_and_row(tmp_path):
+    source = F.save(F.coco(), tmp_path / "raw", split="train")
+    with pytest.raises(SystemExit, match=rf"^error: coco/train from {source} split train: row 1: missing field "
+                                         r"'solution'$"):
+        build(tmp_path / "data", "coco", source, None, "--strict")
+    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+
+
+def test_a_source_in_another_schema_is_an_error_not_a_split_of_skipped_rows(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: chartqa/test: .* has no column type, answer \(it has questionId"):
+        build(tmp_path / "data", "chartqa", F.save(F.infovqa(), tmp_path / "raw"))
+    with pytest.raises(SystemExit, match=r"^error: geoqa/train: no row of .* could be converted \(unparsable"):
+        build(tmp_path / "data", "geoqa", F.save(F.geoqa().select([1]), tmp_path / "raw_bad"))
+    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+
+
+def test_manifest_merges_invocations_and_names_the_evaluation_sets(tmp_path):
+    data = tmp_path / "data"
+    build(data, "lisa", F.save(F.lisa_test(), tmp_path / "raw_test"), "test")
+    build(data, "chartqa", F.save(F.chartqa(), tmp_path / "raw_chart", split="test"))
+    build(data, "lisa", F.save(F.lisa_train(), tmp_path / "raw_train"), "train")
+    m = manifest(data)
+    assert m["format_version"] == 1
+    assert m["evaluation"] == {"in_domain": ["lisa/test"], "out_of_domain": ["chartqa/test"]}
+    lisa = m["datasets"]["lisa"]
+    assert (lisa["role"], lisa["reward"], sorted(lisa["splits"])) == ("train", "lisa", ["test", "train"])
+    assert lisa["source"] == f"{tmp_path / 'raw_test'} split train; {tmp_path / 'raw_train'} split train"
+    assert (m["datasets"]["chartqa"]["role"], m["datasets"]["chartqa"]["reward"]) == ("benchmark", "relaxed_accuracy")
+    entry = lisa["splits"]["train"]
+    assert (entry["path"], entry["rows"], entry["n_skipped"]) == ("lisa/train", 1, 3)
+    assert entry["fingerprint"] == P.fingerprint(load(data, "lisa", "train"))
+
+
+def test_rerun_is_idempotent(tmp_path, capsys):
+    data, source = tmp_path / "data", F.save(F.coco(), tmp_path / "raw", split="train")
+    build(data, "coco", source)
+    before = open(data / "manifest.json").read()
+    mtime = os.stat(data / "coco" / "train").st_mtime_ns
+    build(data, "coco", source)
+    assert "coco/train: up to date" in capsys.readouterr().out
+    assert open(data / "manifest.json").read() == before and os.stat(data / "coco" / "train").st_mtime_ns == mtime
+    build(data, "coco", source, None, "--force")  # rebuilt: the same content
+    assert open(data / "manifest.json").read() == before
+
+
+def test_an_interrupted_write_leaves_the_old_split_listed_and_the_partial_one_unlisted(tmp_path, monkeypatch):
+    data, source = tmp_path / "data", F.save(F.chartqa(), tmp_path / "raw", split="test")
+    build(data, "chartqa", source)
+    before = manifest(data)
+    real_save = datasets.Dataset.save_to_disk
+
+    def save_then_die(self, path, **kwargs):
+        real_save(self, path, **kwargs)
+        os.remove(os.path.join(path, "state.json"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(data, "chartqa", source, None, "--force")
+    assert manifest(data) == before  # still the old, complete split
+    assert P.fingerprint(load(data, "chartqa", "test")) == before["datasets"]["chartqa"]["splits"]["test"]["fingerprint"]
+    assert [n for n in os.listdir(data / "chartqa") if n.startswith(".test.partial-")]
+    monkeypatch.undo()
+    build(data, "chartqa", source, None, "--force")  # the next run clears the leftover
+    assert os.listdir(data / "chartqa") == ["test"]
+
+
+def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
+    """SIGKILL the synthetic build once it has listed a split: every listed split loads with its manifest
+    fingerprint; a second run skips what is done and ends with the same fingerprints as one uninterrupted run."""
+    data = tmp_path / "data"
+    argv = [sys.executable, P.__file__, "--data-dir", str(data), "--n-train", "200", "--n-test", "20"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (os.path.exists(data / "manifest.json") and manifest(data)["datasets"]) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    listed = {(d, s): e for d, entry in manifest(data)["datasets"].items() for s, e in entry["splits"].items()}
+    assert 1 <= len(listed) < 13
+    for (domain, split), entry in listed.items():
+        assert P.fingerprint(load(data, domain, split)) == entry["fingerprint"]
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    P.main(["--data-dir", str(tmp_path / "clean"), "--n-train", "200", "--n-test", "20"])
+    resumed, clean = manifest(data), manifest(tmp_path / "clean")
+    assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
+           {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in clean["datasets"].items()}
+
+
+def test_source_replaces_one_split_only(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        P.main(["--dataset", "lisa", "--source", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    assert "--source replaces the source of one dataset split" in capsys.readouterr().err
+
+
+def test_help_documents_every_source_and_option(capsys):
+    with pytest.raises(SystemExit):
+        P.main(["--help"])
+    text = capsys.readouterr().out
+    for name in ["laolao77/ViRFT_COCO", "yiqingliang/lisa-problems-dataset-test", "yiqingliang/geoqav-problems-dataset",
+                 "yiqingliang/sat-problems-dataset", "yiqingliang/scienceqa-problems-dataset-test",
+                 "lmms-lab/ChartQA", "lmms-lab/DocVQA [InfographicVQA] validation", "AI4Math/MathVista",
+                 "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact-sheet", "--split", "--force"]:
+        assert name in text
+
+
+@pytest.mark.parametrize("problem, options", [
+    ("Is it red?\nA. yes\nB. no", {"A": "yes", "B": "no"}),
+    ("Pick one: (A) 3 (B) 4 (C) 5", {"A": "3", "B": "4", "C": "5"}),
+    ("Choices:A:145°;B:155°", {"A": "145°", "B": "155°"}),
+    ("In triangle ABC, point A. lies on the line.", {}),  # a point named A is no option list
+    ("What is A? Options:\nA) x\nB) y", {"A": "x", "B": "y"}),  # the last run starting at A
+])
+def test_option_parsing(problem, options):
+    assert P.parse_options(problem) == options
+
+
+def test_answers_map_to_letters():
+    options = {"A": "yes", "B": "no."}
+    assert [P.to_letter(a, options) for a in ["B", "(B)", "b.", "No", "maybe"]] == ["B", "B", "b.", "B", "maybe"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The synthetic suite
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    data = tmp_path_factory.mktemp("synthetic")
+    P.main(["--data-dir", str(data), "--n-train", "60", "--n-test", "30"])
+    return data
+
+
+def all_records(data):
+    for domain, entry in manifest(data)["datasets"].items():
+        for split in entry["splits"]:
+            yield from load(data, domain, split)
+
+
+def test_every_synthetic_gold_answer_earns_the_maximal_reward(synthetic):
+    n = 0
+    for r in all_records(synthetic):
+        meta = json.loads(r["meta"])
+        answer = r["solution"][len("<answer>"):-len("</answer>")]
+        result = rewards.score(gold_completion(answer, meta["rationale"]), r["solution"], r["domain"], meta)
+        assert result["total"] == rewards.max_total(r["domain"]), (r["id"], result)
+        n += 1
+    assert n == 5 * 60 + 8 * 30
+
+
+def test_synthetic_records_follow_the_record_format(synthetic):
+    m = manifest(synthetic)
+    assert sorted(m["datasets"]) == sorted(P.SYNTHETIC)
+    assert m["evaluation"] == {"in_domain": [f"{d}/test" for d in sorted(["syn_detect", "syn_ground", "syn_count",
+                                                                          "syn_spatial", "syn_science"])],
+                               "out_of_domain": ["syn_chart/test", "syn_colorcount/test", "syn_compare/test"]}
+    for r in all_records(synthetic):
+        meta = json.loads(r["meta"])
+        kind = P.SYNTHETIC[r["domain"]][2]
+        assert r["problem"].endswith(SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
+        assert meta["image_size"] == list(r["image"].size) and r["image"].size[0] in (56, 112)
+        assert meta["box_convention"] == "pixel" and meta["rationale"]
+        assert ("options" in meta) == (kind == "choice")
+        if kind == "detection":
+            boxes = json.loads(r["solution"][8:-9])
+            assert 1 <= len(boxes) <= 3
+            assert all(0 <= b[0] < b[2] <= 112 and 0 <= b[1] < b[3] <= 112 for b in boxes)
+
+
+def test_same_seed_same_fingerprint_other_seed_other_fingerprint(synthetic, tmp_path):
+    def fingerprints(data):
+        return {(d, s): e["fingerprint"] for d, v in manifest(data)["datasets"].items() for s, e in v["splits"].items()}
+
+    P.main(["--data-dir", str(tmp_path / "same"), "--n-train", "60", "--n-test", "30"])
+    P.main(["--data-dir", str(tmp_path / "other"), "--n-train", "60", "--n-test", "30", "--seed", "1"])
+    ours, same, other = fingerprints(synthetic), fingerprints(tmp_path / "same"), fingerprints(tmp_path / "other")
+    assert ours == same
+    assert all(ours[k] != other[k] for k in ours)
+    assert P.fingerprint(load(synthetic, "syn_ground", "test")) == ours[("syn_ground", "test")]
+
+
+def test_contact_sheet(tmp_path):
+    from PIL import Image
+    P.main(["--contact-sheet", str(tmp_path / "sheet.png"), "--data-dir", str(tmp_path / "data")])
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size[0] == 120 + 4 * 250 and sheet.size[1] > 8 * 224
+    assert not os.path.exists(tmp_path / "data")  # the flag draws, it builds nothing
