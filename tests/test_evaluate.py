@@ -443,6 +443,62 @@ def test_torchrun_two_processes_give_the_same_results(workspace):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the contract with prepare_data.py: its real output (the synthetic suite, and the paper's sets and benchmarks
+# converted from raw-schema fixtures) is read, and every gold answer earns full marks under its set's metric
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    import prepare_data
+    import raw_fixtures
+    root = tmp_path_factory.mktemp("prepared")
+    data_dir = str(root / "data")
+    prepare_data.main(["--data-dir", data_dir, "--n-train", "2", "--n-test", "4"])
+    sources = [("lisa", raw_fixtures.lisa_test(), None, "test"), ("sat", raw_fixtures.sat(), None, "test"),
+               ("scienceqa", raw_fixtures.scienceqa(), None, "test"), ("chartqa", raw_fixtures.chartqa(), "test", None),
+               ("infovqa", raw_fixtures.infovqa(), "validation", None),
+               ("mathvista", raw_fixtures.mathvista(), "testmini", None), ("mmmu", raw_fixtures.mmmu(), "validation", None)]
+    for name, raw, raw_split, split in sources:
+        source = raw_fixtures.save(raw, root / f"raw-{name}", split=raw_split)
+        prepare_data.main(["--dataset", name, "--source", source, "--data-dir", data_dir] +
+                          (["--split", split] if split else []))
+    return root, data_dir
+
+
+def test_gold_answers_of_prepared_data_earn_full_marks(prepared):
+    _, data_dir = prepared
+    sets = evaluate.open_test_sets(data_dir)
+    assert {s.name: s.metric for s in sets} == {
+        "lisa/test": "iou", "sat/test": "choice", "scienceqa/test": "choice", "chartqa/test": "relaxed_accuracy",
+        "infovqa/val": "anls", "mathvista/testmini": "mathvista_accuracy", "mmmu/val": "mmmu_accuracy",
+        "syn_detect/test": "detection", "syn_ground/test": "iou", "syn_count/test": "math",
+        "syn_spatial/test": "choice", "syn_science/test": "choice", "syn_chart/test": "math",
+        "syn_colorcount/test": "math", "syn_compare/test": "choice"}
+    for s in sets:
+        rows = evaluate.scoring_columns(s, 0)
+        assert rows, s.name
+        for record_id, solution, meta in rows:
+            gold = evaluate.answer_of(solution)
+            assert evaluate.score_answer(s.metric, gold, solution, s.domain, meta)[1] == 1.0, (record_id, gold)
+            assert evaluate.score_answer(s.metric, "", solution, s.domain, meta)[1] == 0.0, record_id
+            options = meta.get("options", {})
+            if gold in options:  # the right option's text is as good as its letter
+                assert evaluate.score_answer(s.metric, options[gold], solution, s.domain, meta)[1] == 1.0, record_id
+
+
+def test_evaluate_tiny_on_prepared_data(prepared, capsys):
+    root, data_dir = prepared
+    evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", str(root / "base-tiny"), "--max_new_tokens", "4"])
+    results = json.load(open(root / "base-tiny" / "results.json"))
+    assert len(read_jsonl(root / "base-tiny" / "predictions.jsonl")) == sum(b["n"] for b in results["benchmarks"].values())
+    assert {n: b["n"] for n, b in results["benchmarks"].items() if not n.startswith("syn_")} == {
+        "lisa/test": 1, "sat/test": 2, "scienceqa/test": 1, "chartqa/test": 1, "infovqa/val": 1,
+        "mathvista/testmini": 3, "mmmu/val": 3}
+    header = capsys.readouterr().out.split("| run |")[1].splitlines()[0]
+    assert header.startswith(" step | mixture | LISA | SAT | ScienceQA | syn_count | syn_detect | syn_ground | "
+                             "syn_science | syn_spatial | ChartQA | InfoVQA | MathVista | MMMU | syn_chart |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # bad input
 
 def test_incomplete_or_corrupt_checkpoint_is_an_error(workspace, tmp_path):
