@@ -798,8 +798,7 @@ def convert_mmmu(row):
 Source = namedtuple("Source", "name config split")
 Hub = namedtuple("Hub", "role reward convert columns splits paper_rows")
 PROBLEM_COLUMNS = ("image", "problem", "solution")  # ViRFT_COCO and every yiqingliang/*-problems-dataset
-# The lmms-lab names are the copies lmms-eval used in 2025; lmms-eval moved them to lmms-lab-encoder/ in July 2026
-# (same data): pass --source lmms-lab-encoder/ChartQA etc. if the old ones are gone.
+# The lmms-lab names are the copies lmms-eval used when the paper was written (see HELP_NOTES for their move).
 HUB = {
     "coco": Hub("train", "coco", convert_detection, PROBLEM_COLUMNS,
                 {"train": Source("laolao77/ViRFT_COCO", None, "train")}, "5,997"),
@@ -899,17 +898,32 @@ def convert_hub(domain, split, source, data_dir, strict=False, force=False):
     return entry
 
 
+HELP_NOTES = """\
+SAT, ScienceQA, GeoQAV and GeoQA problems get the paper's suffix " Output the thinking process in <think> </think>
+and final answer (option) in <answer> </answer> tags."; lettered options are read from the problem (ScienceQA's are
+folded into it) and answers become option letters. COCO and LISA problems keep their own instruction; COCO's boxes
+are on Qwen2-VL's 0-1000 grid (meta box_convention qwen1000), solution boxes are always pixels of the stored image.
+LISA and GeoQAV images longer than 640 px are shrunk, boxes moved with them. Benchmarks: lmms-eval's default prompt,
+then the reasoning suffix; MMMU's several images are tiled into one composite, each labelled "<image k>".
+The -test repositories hold a single split, read whatever it is called. lmms-eval moved its lmms-lab copies to
+lmms-lab-encoder/ in July 2026 (same data): --source lmms-lab-encoder/ChartQA etc.
+A bad row (missing field, undecodable image, box outside the image, unparsable solution) is skipped and listed in
+the manifest with its reason; --strict stops there. A split whose recipe (source, sizes, seed, this script's
+sha256) is unchanged is not rebuilt, so an interrupted run resumes; --force rebuilds."""
+
+
 def sources_help():
-    lines = ["sources (domain/split <- hub dataset [config] split; reward or metric; rows in the paper):"]
+    lines = ["sources: domain/split <- hub dataset [config] (its split); reward (training) or metric (benchmark); "
+             "rows in the paper"]
     for domain, hub in HUB.items():
         for split, s in hub.splits.items():
             config = f" [{s.config}]" if s.config else ""
-            lines.append(f"  {domain + '/' + split:20} <- {s.name}{config} {s.split}; {hub.reward}; {hub.role}")
-        lines.append(f"  {'':20}    paper: {hub.paper_rows}")
+            lines.append(f"  {domain + '/' + split:19} <- {s.name}{config} ({s.split}); {hub.reward}")
+        lines.append(f"  {'':19}    {hub.paper_rows}")
     lines.append("  synthetic: " + ", ".join(f"{d} ({k}{', test only' if r == 'benchmark' else ''})"
                                              for d, (_, r, k) in SYNTHETIC.items()))
     lines.append("groups: " + "; ".join(f"{g} = {' '.join(ds)}" for g, ds in GROUPS.items()))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + HELP_NOTES
 
 
 def main(argv=None):

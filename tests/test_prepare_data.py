@@ -306,8 +306,9 @@ def test_help_documents_every_source_and_option(capsys):
     text = capsys.readouterr().out
     for name in ["laolao77/ViRFT_COCO", "yiqingliang/lisa-problems-dataset-test", "yiqingliang/geoqav-problems-dataset",
                  "yiqingliang/sat-problems-dataset", "yiqingliang/scienceqa-problems-dataset-test",
-                 "lmms-lab/ChartQA", "lmms-lab/DocVQA [InfographicVQA] validation", "AI4Math/MathVista",
-                 "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact-sheet", "--split", "--force"]:
+                 "lmms-lab/ChartQA", "lmms-lab/DocVQA [InfographicVQA] (validation)", "AI4Math/MathVista",
+                 "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact-sheet", "--split", "--force",
+                 "lmms-lab-encoder/", "longer than 640 px"]:
         assert name in text
 
 
