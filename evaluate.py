@@ -529,9 +529,10 @@ def completions_on_disk(folder, generation):
     """Completions already generated with these generation settings: every process's cache file, and the
     predictions of a finished evaluation that differed only in scoring (--exact_match, --limit)."""
     paths = sorted(glob.glob(os.path.join(folder, ".partial", "*.jsonl")))
-    results_path = os.path.join(folder, "results.json")
-    if os.path.isfile(results_path) and read_json(results_path).get("settings", {}).get("generation") == generation:
-        paths.insert(0, os.path.join(folder, "predictions.jsonl"))
+    results_path, predictions_path = os.path.join(folder, "results.json"), os.path.join(folder, "predictions.jsonl")
+    if os.path.isfile(results_path) and os.path.isfile(predictions_path) and \
+            read_json(results_path).get("settings", {}).get("generation") == generation:
+        paths.insert(0, predictions_path)
     return read_completions(paths)
 
 
