@@ -1,0 +1,847 @@
+"""
+Scores checkpoints (or a base model) on the in-domain and out-of-domain test sets of prepare_data.py, as MoDoMoDo
+(arXiv 2505.24871) reports them, and prints the paper's Table 2 from the results.
+
+    python evaluate.py out/grpo                        # every checkpoint of a run, then the run's StepAvg
+    python evaluate.py out/grpo/ckpt-000200            # one checkpoint
+    python evaluate.py tiny --max_new_tokens 64        # a base model: "tiny", a hub name or a save_pretrained folder
+    torchrun --nproc_per_node 8 evaluate.py out/grpo   # data-parallel: each process generates a slice
+    python evaluate.py --table out                     # Table 2 from every results.json under out/
+
+Outputs, per checkpoint <run>/ckpt-NNNNNN: <run>/eval/ckpt-NNNNNN/results.json (model, step, the run's mixture,
+per-benchmark {score, n, metric, role}, in_score, out_score) and predictions.jsonl (one line per item: set, id,
+completion, parsed answer, solution, score). Several checkpoints of a run also give <run>/eval/stepavg/results.json,
+the paper's "StepAvg" (each benchmark's score averaged over the checkpoints). A base model's results go to
+out/base-<name>/ (--out_dir). Both files are written to a temporary name and renamed: a results.json is never
+half-written, and its presence means the evaluation finished. Completions are cached as they are generated
+(<folder>/.partial/), so a killed evaluation resumes where it stopped, with any number of processes.
+
+Which sets are in-domain and which out-of-domain comes from the manifest's "evaluation" lists; In and Out scores are
+test-size-weighted means over those sets, as the paper computes them. The model's answer is the inside of its last
+<answer>...</answer> tag (the prompts ask for one), else its whole completion. Metrics:
+- every domain of rewards.py (the paper's LISA, SAT, ScienceQA and the whole synthetic suite): that domain's accuracy
+  reward (LISA: IoU, so the set's score is the mean IoU; SAT, ScienceQA: choice accuracy), scored on the answer alone,
+  never gated on the format reward: a metric measures the answer, not the layout.
+- relaxed_accuracy (ChartQA): a number within 5 % of a numeric reference, else case-insensitive exact match
+  (Methani et al. 2020, as ChartQA and lmms-eval define it).
+- anls (InfoVQA): average normalised Levenshtein similarity, threshold 0.5, best over the reference answers.
+- mathvista_accuracy: rule-based answer extraction (no LLM judge), then a match: the option for multiple choice,
+  the number at the question's precision (or the list) for free-form. Differences to lmms-eval: see mathvista_answer.
+- mmmu_accuracy: MMMU's own parsing of option letters and of open answers. Differences: see mmmu_choice.
+- --exact_match: the benchmarks scored the paper's plain way instead, the answer equal (case and spacing aside) to
+  a reference answer.
+"""
+import argparse
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections import namedtuple
+
+import torch
+from tqdm import tqdm
+
+import rewards
+import vlm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading answers
+
+def answer_of(text):
+    """What a completion (or a solution) answers: the inside of its last <answer> tag, else the whole text."""
+    inside = rewards.extract_answer(text)
+    return (text if inside is None else inside).strip()
+
+
+def normalize_spaces(text):
+    return " ".join(text.lower().split())
+
+
+def references_of(solution, meta):
+    """Every accepted answer: meta["answers"] when the benchmark has several (InfoVQA, some MMMU), else the solution's."""
+    return [str(a) for a in meta["answers"]] if meta.get("answers") else [answer_of(solution)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark metrics. Each is (answer, solution, meta) -> (parsed answer, score in [0, 1]); a solution or meta it
+# cannot read raises ValueError.
+
+def _relaxed_number(text):
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def relaxed_accuracy(prediction, target, tolerance=0.05):
+    """1.0 when both are numbers ("12%" is 0.12) and the prediction is within `tolerance` of a non-zero target
+    (relative), else when the two strings are equal ignoring case."""
+    predicted, expected = _relaxed_number(prediction), _relaxed_number(target)
+    if predicted is not None and expected:  # a zero target has no relative tolerance: compared as text
+        return float(abs(predicted - expected) / abs(expected) <= tolerance)
+    return float(prediction.lower() == target.lower())
+
+
+def score_chartqa(answer, solution, meta):
+    return answer, max(relaxed_accuracy(answer, ref) for ref in references_of(solution, meta))
+
+
+def levenshtein(a, b):
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction, references, threshold=0.5):
+    """Best over the references of 1 - NL when NL < threshold, else 0, with NL = edit distance / longer length of the
+    two (lower-cased, whitespace collapsed); Biten et al. 2019. Two empty strings are equal (NL = 0)."""
+    predicted, best = normalize_spaces(prediction), 0.0
+    for reference in references:
+        expected = normalize_spaces(reference)
+        longest = max(len(predicted), len(expected))
+        # The distance is at least the length difference: skip the O(n*m) edit distance when that already fails
+        # (a model that answers with a page of text against a one-word reference).
+        if longest and abs(len(predicted) - len(expected)) >= threshold * longest:
+            continue
+        distance = levenshtein(predicted, expected) / longest if longest else 0.0
+        if distance < threshold:
+            best = max(best, 1.0 - distance)
+    return best
+
+
+def score_infovqa(answer, solution, meta):
+    return answer, anls(answer, references_of(solution, meta))
+
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+
+
+def _to_float(text):
+    return float(text.replace(",", ""))
+
+
+def choice_letter(answer, options):
+    """The option an answer names, or None: the option's text, a letter in brackets "(B)", a bare letter "B" / "B." /
+    "B)", or a leading "B. text"; else the option whose text is closest in edit distance (as MathVista does)."""
+    text = answer.strip()
+    for letter, option in options.items():
+        if normalize_spaces(option) == normalize_spaces(text):
+            return letter
+    bracketed = [m.upper() for m in re.findall(r"\(([A-Za-z])\)", text) if m.upper() in options]
+    if bracketed:
+        return bracketed[0]
+    leading = re.match(r"([A-Z])(?:[.):]|\s*$)", text)
+    if leading and leading.group(1) in options:
+        return leading.group(1)
+    if not text:
+        return None
+    return min(options, key=lambda letter: levenshtein(normalize_spaces(text), normalize_spaces(options[letter])))
+
+
+def mathvista_answer(text, meta):
+    """The answer normalised as MathVista compares it: an option letter (multi_choice), int(float(x)) (integer:
+    truncated, as MathVista does), round(float(x), precision) (float), or a tuple of numbers (list); None when there
+    is none. lmms-eval without its LLM judge only reads a response that is exactly a choice or a number; we read the
+    last number in the answer (the hints ask for the value at the end), a "(B)" / "B." letter, and compare lists by
+    their numbers rather than as strings. An empty answer is no answer (lmms-eval picks the option closest to "")."""
+    if meta.get("question_type") == "multi_choice":
+        if not meta.get("options"):
+            raise ValueError("mathvista multi_choice record without meta options")
+        return choice_letter(text, meta["options"])
+    answer_type = meta.get("answer_type")
+    if answer_type == "list":
+        inside = re.search(r"\[([^\[\]]*)\]", text)
+        numbers = _NUMBER.findall(inside.group(1)) if inside else []
+        return tuple(_to_float(n) for n in numbers) or None
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    value = _to_float(numbers[-1])
+    if answer_type == "integer":
+        return int(value)
+    if answer_type == "float":
+        return round(value, int(meta.get("precision") or 0))
+    raise ValueError(f"mathvista answer_type {answer_type!r} is not integer, float or list")
+
+
+def score_mathvista(answer, solution, meta):
+    expected = mathvista_answer(answer_of(solution), meta)
+    if expected is None:
+        raise ValueError(f"mathvista solution {solution!r} has no answer of type {meta.get('answer_type')!r}")
+    parsed = mathvista_answer(answer, meta)
+    return parsed, float(parsed == expected)
+
+
+def mmmu_choice(text, options):
+    """MMMU's parse_multi_choice_response, in our words: the option letter written "(B)", else as a word "B", else
+    "B.", else (answers over 5 words) an option's text contained in the answer; several found: the last one in the
+    text. Differences: letters count only as standalone words (MMMU's substring test also finds "A " at the end of
+    "NASA "), an answer that is exactly an option's text counts, and no letter found is no answer (MMMU picks one at
+    random)."""
+    text = " " + text.strip().strip(",.!?;:'") + " "
+    patterns = [r"\(({})\)", r"(?<![A-Za-z0-9])({})(?= )", r"(?<![A-Za-z0-9])({})\."]
+    for pattern in patterns:
+        found = {}
+        for letter in options:
+            for match in re.finditer(pattern.format(letter), text):
+                found[letter] = match.start()
+        if found:
+            return max(found, key=found.get)
+    for letter, option in options.items():
+        if normalize_spaces(option) == normalize_spaces(text):
+            return letter
+    if len(text.split()) > 5:
+        lowered = text.lower()
+        found = {letter: lowered.rfind(option.lower()) for letter, option in options.items()
+                 if option.strip() and option.lower() in lowered}
+        if found:
+            return max(found, key=found.get)
+    return None
+
+
+def _mmmu_normalize(value):
+    """MMMU's normalize_str: a number becomes a float rounded to 2 decimals; a string is lower-cased, and a single
+    character is padded with a space on either side so that it does not match inside any word."""
+    value = value.strip()
+    try:
+        return [round(_to_float(value), 2)]
+    except ValueError:
+        value = value.lower()
+        return [" " + value, value + " "] if len(value) == 1 else [value]
+
+
+_MMMU_INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+
+
+def mmmu_open_candidates(text):
+    """MMMU's parse_open_response: for each sentence, the shortest tail after a key phrase ("the answer is ", "so ",
+    ...; also "=" in the last sentence), else the whole answer; then every number in those; all normalised. MMMU
+    lower-cases before splitting sentences, so its split at ". " before a capital never fires; we split first."""
+    sentences = [s for s in re.split(r"\.\s(?=[A-Z])|\n", text.strip().strip(".")) if s.strip()]
+    keys = []
+    for index, sentence in enumerate(sentences):
+        sentence = sentence.lower()
+        indicators = _MMMU_INDICATORS + (["="] if index == len(sentences) - 1 else [])
+        tails = [sentence.split(indicator)[-1].strip() for indicator in indicators if indicator in sentence]
+        tails = [t for t in tails if t not in ("", ":", ",", ".", "!", "?", ";", "'")]
+        if tails:
+            keys.append(min(tails, key=len))
+    keys = keys or [text.strip().lower()]
+    candidates = keys + [n for key in keys for n in _NUMBER.findall(key)]
+    return sorted({c for value in candidates for c in _mmmu_normalize(value)}, key=str)
+
+
+def mmmu_open_match(candidates, references):
+    """MMMU's eval_open: a text reference contained in a text candidate, or a numeric reference equal to a number."""
+    normalized = [n for reference in references for n in _mmmu_normalize(reference)]
+    for candidate in candidates:
+        if isinstance(candidate, str):
+            if any(isinstance(n, str) and n in candidate for n in normalized):
+                return True
+        elif candidate in normalized:
+            return True
+    return False
+
+
+def score_mmmu(answer, solution, meta):
+    if meta.get("question_type") == "multiple-choice":
+        if not meta.get("options"):
+            raise ValueError("mmmu multiple-choice record without meta options")
+        parsed = mmmu_choice(answer, meta["options"])
+        return parsed, float(parsed == answer_of(solution))
+    parsed = mmmu_open_candidates(answer)
+    return parsed, float(mmmu_open_match(parsed, references_of(solution, meta)))
+
+
+def score_exact_match(answer, solution, meta):
+    return answer, float(any(normalize_spaces(answer) == normalize_spaces(r) for r in references_of(solution, meta)))
+
+
+# Named as prepare_data.py's manifest names them in the "reward" field of each benchmark.
+BENCHMARK_METRICS = {
+    "relaxed_accuracy": score_chartqa,
+    "anls": score_infovqa,
+    "mathvista_accuracy": score_mathvista,
+    "mmmu_accuracy": score_mmmu,
+    "exact_match": score_exact_match,
+}
+
+
+def accuracy_reward(domain):
+    """rewards.py's accuracy reward of a domain (the one that is not "format")."""
+    return next(name for name, _ in rewards.DOMAIN_REWARDS[domain] if name != "format")
+
+
+def score_answer(metric, answer, solution, domain, meta):
+    """(parsed answer, score) of one answer under a set's metric."""
+    if metric in BENCHMARK_METRICS:
+        return BENCHMARK_METRICS[metric](answer, solution, meta)
+    # rewards.py reads the answer from <answer> tags; the tags are put back around the answer we read, and the
+    # format reward is ignored (gate_on_format=False).
+    scores = rewards.score(f"<answer>{answer}</answer>", solution, domain, meta, gate_on_format=False)
+    return answer, scores[metric]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Test sets: the manifest's evaluation lists, checked against the folders on disk
+
+TestSet = namedtuple("TestSet", "name domain split path rows fingerprint metric role dataset")
+RECORD_COLUMNS = ("id", "domain", "image", "problem", "solution", "meta")
+
+
+def load_manifest(data_dir):
+    path = os.path.join(data_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e})")
+
+
+def metric_of(domain, entry, exact_match):
+    """The metric of a domain: the manifest's "reward" field names a BENCHMARK_METRICS entry or a rewards.py domain."""
+    name = entry.get("reward", domain)
+    if name in BENCHMARK_METRICS:
+        return "exact_match" if exact_match else name
+    if name in rewards.DOMAIN_REWARDS:
+        return accuracy_reward(name)
+    known = sorted(BENCHMARK_METRICS) + sorted(rewards.DOMAIN_REWARDS)
+    raise SystemExit(f"error: manifest domain {domain!r} has reward {name!r}, which is neither an evaluate.py metric "
+                     f"nor a rewards.py domain ({', '.join(known)})")
+
+
+def open_test_sets(data_dir, names=None, exact_match=False):
+    """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
+    from datasets import load_from_disk
+    manifest_path = os.path.join(data_dir, "manifest.json")
+    manifest = load_manifest(data_dir)
+    evaluation = manifest.get("evaluation", {})
+    roles = {name: "in" for name in evaluation.get("in_domain", [])}
+    roles.update({name: "out" for name in evaluation.get("out_of_domain", [])})
+    if names:
+        unknown = [n for n in names if n not in roles]
+        if unknown:
+            raise SystemExit(f"error: {', '.join(unknown)} not in the evaluation lists of {manifest_path} "
+                             f"({', '.join(roles) or 'none'})")
+    names = names or list(roles)
+    if not names:
+        raise SystemExit(f"error: {manifest_path} lists no evaluation sets")
+    sets = []
+    for name in names:
+        domain, _, split = name.partition("/")
+        entry = manifest.get("datasets", {}).get(domain)
+        if entry is None or split not in entry.get("splits", {}):
+            raise SystemExit(f"error: evaluation set {name} is not a dataset split in {manifest_path}")
+        info = entry["splits"][split]
+        path = os.path.join(data_dir, info["path"])
+        if not os.path.isdir(path):
+            raise SystemExit(f"error: {path} (evaluation set {name} in {manifest_path}) does not exist: run "
+                             "prepare_data.py again")
+        dataset = load_from_disk(path)
+        missing = [c for c in RECORD_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise SystemExit(f"error: {path} lacks the record field(s) {', '.join(missing)}")
+        if len(dataset) != info["rows"]:
+            raise SystemExit(f"error: {path} has {len(dataset)} rows but {manifest_path} says {info['rows']}: the "
+                             "folder does not match the manifest; run prepare_data.py again")
+        columns = dataset.select_columns(["id", "domain"])
+        for row, (record_id, record_domain) in enumerate(zip(columns["id"], columns["domain"])):
+            if record_domain != domain:
+                raise SystemExit(f"error: {path} row {row} (id {record_id}) has domain {record_domain!r}, not "
+                                 f"{domain!r} as {manifest_path} says")
+        if len(set(columns["id"])) != len(dataset):
+            raise SystemExit(f"error: {path} has repeated ids; every record needs its own")
+        sets.append(TestSet(name, domain, split, path, info["rows"], info.get("fingerprint"),
+                            metric_of(domain, entry, exact_match), roles[name], dataset))
+    return sets
+
+
+def scoring_columns(test_set, limit):
+    """(id, solution, meta dict) of the first `limit` rows (all when 0), without decoding any image."""
+    n = min(limit, test_set.rows) if limit else test_set.rows
+    columns = test_set.dataset.select_columns(["id", "solution", "meta"])[:n]
+    rows = []
+    for record_id, solution, meta in zip(columns["id"], columns["solution"], columns["meta"]):
+        try:
+            rows.append((record_id, solution, json.loads(meta) if meta else {}))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {test_set.path} record {record_id}: meta is not JSON ({e})")
+    return rows
+
+
+def check_solutions(test_set, rows):
+    """Scores an empty answer against every solution, so a solution the metric cannot read stops the evaluation
+    before any generation, naming the record."""
+    for record_id, solution, meta in rows:
+        try:
+            score_answer(test_set.metric, "", solution, test_set.domain, meta)
+        except ValueError as e:  # rewards.SolutionError is a ValueError
+            raise SystemExit(f"error: {test_set.path} record {record_id}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: run folders, checkpoints, base models
+
+Model = namedtuple("Model", "source run run_dir step mixture train_config folder")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_run_folder(path):
+    config = os.path.join(path, "config.json")
+    has_checkpoints = any(re.fullmatch(r"ckpt-\d+", name) for name in os.listdir(path))
+    return has_checkpoints or (os.path.isfile(config) and "mixture_weights" in read_json(config))
+
+
+def run_checkpoints(run_dir):
+    """Every ckpt-NNNNNN folder of a run, oldest first (ckpt-NNNNNN.partial folders are saves still in progress)."""
+    found = sorted((int(name[5:]), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+                   if re.fullmatch(r"ckpt-\d+", name))
+    if not found:
+        raise SystemExit(f"error: {run_dir} is a run folder without checkpoints (ckpt-NNNNNN)")
+    return [folder for _, folder in found]
+
+
+def checkpoint_model(folder):
+    problem = vlm.checkpoint_problem(folder)
+    if problem is not None:
+        raise SystemExit(f"error: checkpoint {folder} is {problem}; it cannot be evaluated (evaluate a complete "
+                         "checkpoint, or let training finish writing this one)")
+    state = read_json(os.path.join(folder, "trainer_state.json"))
+    run_dir = os.path.dirname(os.path.normpath(folder)) or "."
+    # trainer_state.json carries the run's config.json (mixture_weights, config) and travels with the checkpoint.
+    return Model(folder, os.path.basename(os.path.abspath(run_dir)), run_dir, state["step"], state["mixture_weights"],
+                 state["config"], os.path.join(run_dir, "eval", os.path.basename(os.path.normpath(folder))))
+
+
+def base_model(source, out_dir):
+    """A model not trained here: "tiny", a hub name, or a save_pretrained folder (e.g. the cold start)."""
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, vlm.CHECKSUMS)):
+        problem = vlm.checkpoint_problem(source)
+        if problem is not None:
+            raise SystemExit(f"error: model folder {source} is {problem}")
+    name = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+    folder = out_dir or os.path.join("out", "base-" + re.sub(r"[^A-Za-z0-9._-]+", "--", name))
+    return Model(source, name, None, 0, {}, {}, folder)
+
+
+def resolve_models(targets, out_dir):
+    models = []
+    for target in targets:
+        if os.path.isdir(target) and is_run_folder(target):
+            models += [checkpoint_model(folder) for folder in run_checkpoints(target)]
+        elif os.path.isdir(target) and (os.path.isfile(os.path.join(target, "trainer_state.json")) or
+                                        re.fullmatch(r"ckpt-\d+(\.partial)?", os.path.basename(os.path.normpath(target)))):
+            models.append(checkpoint_model(target))
+        else:
+            models.append(base_model(target, out_dir))
+    if out_dir and (len(models) > 1 or models[0].run_dir):
+        raise SystemExit("error: --out_dir is the folder of one base model's results (a checkpoint's go to "
+                         "<run>/eval/); give one base model")
+    return models
+
+
+def model_digest(model):
+    """Identifies the weights: the checksums of a checkpoint folder (a re-saved step is a new model), else the name."""
+    path = os.path.join(model.source, vlm.CHECKSUMS)
+    return vlm.file_sha256(path) if os.path.isfile(path) else model.source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: an engine is a function (problems, images) -> completions. HF generate is the one here; the vLLM
+# server engine is a function of the same shape.
+
+def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
+    except OSError as e:
+        raise SystemExit(f"error: cannot load model {source!r}: not a model folder, 'tiny', nor a hub model ({e})")
+    if max_pixels:
+        image_processor.size["longest_edge"] = max_pixels
+    model.to(device).eval()
+
+    def complete(problems, images):
+        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
+        ids = vlm.generate(model, tokenizer, batch, n=1, max_new_tokens=max_new_tokens,
+                           temperature=temperature or 1.0, greedy=temperature == 0)
+        return [vlm.decode(tokenizer, c) for c in ids]
+    return complete
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallel under torchrun: every process generates a slice of the items into its own cache file (a shared file
+# system, as training's checkpoints need); rank 0 merges the files once, scores, and writes the results.
+
+def init_distributed():
+    """(rank, world size, device). gloo carries only barriers, so no GPU collective can time out during a long
+    generation on a process with more work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return rank, world, torch.device("cuda", local_rank)
+    return rank, world, torch.device("cpu")
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def read_completions(paths):
+    """{(set, id): completion} from jsonl files; a line cut off by a kill is ignored (its item is regenerated)."""
+    done = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[(item["set"], item["id"])] = item["completion"]
+    return done
+
+
+def completions_on_disk(folder, generation):
+    """Completions already generated with these generation settings: every process's cache file, and the
+    predictions of a finished evaluation that differed only in scoring (--exact_match, --limit)."""
+    paths = sorted(glob.glob(os.path.join(folder, ".partial", "*.jsonl")))
+    results_path, predictions_path = os.path.join(folder, "results.json"), os.path.join(folder, "predictions.jsonl")
+    if os.path.isfile(results_path) and os.path.isfile(predictions_path) and \
+            read_json(results_path).get("settings", {}).get("generation") == generation:
+        paths.insert(0, predictions_path)
+    return read_completions(paths)
+
+
+def prepare_cache(folder, generation, rank, world):
+    """The completions that need no generating; the cache is kept when it was made with the same settings."""
+    cache_dir = os.path.join(folder, ".partial")
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        settings_path = os.path.join(cache_dir, "settings.json")
+        if not os.path.isfile(settings_path) or read_json(settings_path) != generation:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            os.makedirs(cache_dir)
+            write_json_atomic(settings_path, generation)
+    barrier(world)
+    done = completions_on_disk(folder, generation)
+    barrier(world)  # every process has read before any adds to the cache, so all slice the same remainder
+    return done
+
+
+def generate_missing(model, sets, rows_of, done, generation, args, rank, world, device):
+    """Generates this process's slice of the items without a completion, appending to its own cache file."""
+    mine = {}
+    for s in sets:
+        missing = [i for i, (record_id, _, _) in enumerate(rows_of[s.name]) if (s.name, record_id) not in done]
+        mine[s.name] = missing[rank::world]  # interleaved, so every process gets a share of every set
+    total = sum(len(v) for v in mine.values())
+    if total == 0:
+        return
+    engine = hf_engine(model.source, generation["max_new_tokens"], generation["temperature"],
+                       generation["max_pixels"], device)
+    torch.manual_seed(generation["seed"] + rank)
+    cache_file = os.path.join(model.folder, ".partial", f"{socket.gethostname()}-{os.getpid()}.jsonl")
+    bar = tqdm(total=total, desc=f"{model.run} step {model.step}" + (f" (rank 0 of {world})" if world > 1 else ""),
+               unit="item", disable=rank != 0, dynamic_ncols=True)
+    with open(cache_file, "a") as f:
+        for s in sets:
+            for start in range(0, len(mine[s.name]), args.batch_size):
+                records = [s.dataset[i] for i in mine[s.name][start:start + args.batch_size]]
+                try:
+                    completions = engine([r["problem"] for r in records], [r["image"] for r in records])
+                except ValueError as e:
+                    raise SystemExit(f"error: {s.path} records {[r['id'] for r in records]}: {e}")
+                for record, completion in zip(records, completions):
+                    f.write(json.dumps({"set": s.name, "id": record["id"], "completion": completion}) + "\n")
+                f.flush()
+                bar.update(len(records))
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+
+def write_json_atomic(path, value, jsonl=False):
+    """Serialises first, writes a temporary file, fsyncs, renames: the file at `path` is the old one or the whole
+    new one, never a half-written one."""
+    text = "".join(json.dumps(v) + "\n" for v in value) if jsonl else json.dumps(value, indent=1) + "\n"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def weighted_score(benchmarks, role):
+    """The paper's In / Out score: the mean of the sets' scores weighted by their sizes; None without such sets."""
+    chosen = [b for b in benchmarks.values() if b["role"] == role]
+    total = sum(b["n"] for b in chosen)
+    return sum(b["score"] * b["n"] for b in chosen) / total if total else None
+
+
+def score_sets(sets, rows_of, completions):
+    """(benchmarks, predictions): every item's completion scored under its set's metric."""
+    benchmarks, predictions = {}, []
+    for s in sets:
+        scores = []
+        for record_id, solution, meta in rows_of[s.name]:
+            completion = completions.get((s.name, record_id))
+            if completion is None:
+                raise RuntimeError(f"no completion for {s.name} record {record_id} after generation")
+            parsed, score = score_answer(s.metric, answer_of(completion), solution, s.domain, meta)
+            scores.append(score)
+            predictions.append({"set": s.name, "id": record_id, "completion": completion, "answer": parsed,
+                                "solution": solution, "score": score})
+        benchmarks[s.name] = {"score": sum(scores) / len(scores) if scores else 0.0, "n": len(scores),
+                              "metric": s.metric, "role": s.role}
+    return benchmarks, predictions
+
+
+def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
+    """results.json and predictions.jsonl of one model in model.folder (written by rank 0), or the existing ones
+    when they were made with the same settings. Returns the results (None on the other ranks)."""
+    generation = {"model": model_digest(model), "temperature": args.temperature, "seed": args.seed,
+                  "max_new_tokens": args.max_new_tokens or model.train_config.get("max_completion_length", 1024),
+                  "max_pixels": args.max_pixels or model.train_config.get("max_pixels", 0),
+                  "sets": {s.name: s.fingerprint for s in sets}}
+    settings = {"generation": generation, "limit": args.limit, "metrics": {s.name: s.metric for s in sets}}
+    results_path = os.path.join(model.folder, "results.json")
+    if not args.force and os.path.isfile(results_path) and read_json(results_path).get("settings") == settings:
+        log(f"{results_path}: up to date")
+        return read_json(results_path) if rank == 0 else None
+    started = time.time()
+    done = prepare_cache(model.folder, generation, rank, world)
+    generate_missing(model, sets, rows_of, done, generation, args, rank, world, device)
+    barrier(world)
+    if rank != 0:
+        return None
+    benchmarks, predictions = score_sets(sets, rows_of, completions_on_disk(model.folder, generation))
+    results = {"model": model.source, "run": model.run, "run_dir": model.run_dir, "step": model.step,
+               "mixture": model.mixture, "benchmarks": benchmarks,
+               "in_score": weighted_score(benchmarks, "in"), "out_score": weighted_score(benchmarks, "out"),
+               "limit": args.limit or None, "processes": world, "seconds": round(time.time() - started, 1),
+               "settings": settings}
+    write_json_atomic(os.path.join(model.folder, "predictions.jsonl"), predictions, jsonl=True)
+    write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
+    shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
+    log(f"{results_path}: in {format_score(results['in_score'])}, out {format_score(results['out_score'])}")
+    return results
+
+
+def write_stepavg(run_dir, steps, log):
+    """<run>/eval/stepavg/results.json: every benchmark's score averaged over the run's evaluated checkpoints (or
+    over `steps`), the paper's StepAvg. Only checkpoints evaluated like the newest one (same sets, sizes, metrics) are
+    averaged. Returns the path, or None with fewer than two such checkpoints."""
+    found = [read_json(p) for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", "results.json"))]
+    found.sort(key=lambda r: r["step"])
+    if steps:
+        missing = sorted(set(steps) - {r["step"] for r in found})
+        if missing:
+            raise SystemExit(f"error: --stepavg_steps {missing} of {run_dir} have no results; evaluate them first")
+        found = [r for r in found if r["step"] in steps]
+    if not found:
+        return None
+
+    def shape(r):
+        return {name: (b["n"], b["metric"], b["role"]) for name, b in r["benchmarks"].items()}
+    chosen = [r for r in found if shape(r) == shape(found[-1])]
+    if len(chosen) < len(found):
+        log(f"stepavg of {run_dir}: leaving out steps {[r['step'] for r in found if r not in chosen]}, evaluated on "
+            f"other sets or sizes than step {found[-1]['step']}")
+    if len(chosen) < 2:
+        return None
+    benchmarks = {name: dict(b, score=sum(r["benchmarks"][name]["score"] for r in chosen) / len(chosen))
+                  for name, b in found[-1]["benchmarks"].items()}
+    results = {"model": run_dir, "run": found[-1]["run"], "run_dir": run_dir, "step": None,
+               "averaged_steps": [r["step"] for r in chosen], "mixture": found[-1]["mixture"],
+               "benchmarks": benchmarks, "in_score": weighted_score(benchmarks, "in"),
+               "out_score": weighted_score(benchmarks, "out"), "limit": found[-1].get("limit")}
+    folder = os.path.join(run_dir, "eval", "stepavg")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "results.json")
+    write_json_atomic(path, results)
+    log(f"{path}: StepAvg over steps {results['averaged_steps']}: in {format_score(results['in_score'])}, "
+        f"out {format_score(results['out_score'])}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's Table 2
+
+PAPER_NAMES = {"lisa": "LISA", "sat": "SAT", "scienceqa": "ScienceQA", "chartqa": "ChartQA", "infovqa": "InfoVQA",
+               "mathvista": "MathVista", "mmmu": "MMMU"}
+
+
+def format_score(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_mixture(mixture):
+    return ", ".join(f"{d} {w:.2f}" for d, w in sorted(mixture.items())) if mixture else "none"
+
+
+def find_results(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise SystemExit(f"error: {path}: no such results file or folder")
+    if not files:
+        raise SystemExit(f"error: no results.json under {', '.join(paths)}")
+    return files
+
+
+def load_results(path):
+    try:
+        results = read_json(path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}")
+    missing = [k for k in ("run", "step", "mixture", "benchmarks", "in_score", "out_score") if k not in results]
+    if missing:
+        raise SystemExit(f"error: {path} is not an evaluate.py results file (no {', '.join(missing)})")
+    return results
+
+
+def results_table(all_results):
+    """Markdown: one row per results file (run, step, mixture), the benchmarks (in-domain first), In, Out."""
+    rows = sorted(all_results, key=lambda r: (r["run"], r["step"] is None, r["step"] or 0))
+    names = {}
+    for role in ("in", "out"):
+        for r in rows:
+            for name, b in r["benchmarks"].items():
+                if b["role"] == role:
+                    names.setdefault(name, b)
+    domains = [name.split("/")[0] for name in names]
+
+    def header(name):
+        domain, _, split = name.partition("/")
+        label = PAPER_NAMES.get(domain, domain)
+        return label if domains.count(domain) == 1 else f"{label} ({split})"
+
+    def step_label(r):
+        step = "StepAvg " + "/".join(map(str, r["averaged_steps"])) if r["step"] is None else str(r["step"])
+        return step + (f" (limit {r['limit']})" if r.get("limit") else "")
+
+    lines = ["| run | step | mixture | " + " | ".join(header(n) for n in names) + " | In | Out |",
+             "|---|---|---|" + "---:|" * (len(names) + 2)]
+    for r in rows:
+        cells = [format_score(r["benchmarks"][n]["score"]) if n in r["benchmarks"] else "-" for n in names]
+        lines.append(f"| {r['run']} | {step_label(r)} | {format_mixture(r['mixture'])} | " + " | ".join(cells) +
+                     f" | {format_score(r['in_score'])} | {format_score(r['out_score'])} |")
+    lines.append("")
+    lines.append("In / Out: means over the in-domain / out-of-domain sets weighted by their sizes. Sets: " +
+                 "; ".join(f"{header(n)} {b['metric']}, n={b['n']}, {b['role']}" for n, b in names.items()) + ".")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="a run folder (every ckpt-NNNNNN in it), a checkpoint folder, or a base model: 'tiny', a hub "
+                        "name or a save_pretrained folder")
+    p.add_argument("--table", nargs="+", metavar="PATH",
+                   help="print the markdown table of these results.json files (folders: every results.json under "
+                        "them) and exit")
+    p.add_argument("--data_dir", default="data", help="prepare_data.py's output (default: data)")
+    p.add_argument("--sets", default="", help="comma-separated evaluation sets, e.g. lisa/test,chartqa/test "
+                                              "(default: every set of the manifest's evaluation lists)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call and process (default: 8)")
+    p.add_argument("--max_new_tokens", type=int, default=0,
+                   help="completion length (default 0: a checkpoint's max_completion_length, 1024 for a base model)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding (default); > 0: sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (process k uses seed + k)")
+    p.add_argument("--max_pixels", type=int, default=0,
+                   help="image processor's max pixels per image (default 0: a checkpoint's training setting, else "
+                        "the model's own)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N items of each set, for a quick look")
+    p.add_argument("--exact_match", action="store_true",
+                   help="score the benchmarks by plain exact match with a reference answer (the paper's reporting) "
+                        "instead of relaxed accuracy / ANLS / MathVista and MMMU matching")
+    p.add_argument("--stepavg_steps", default="",
+                   help="comma-separated steps the StepAvg averages, e.g. 500,1500,2000 (default: every evaluated "
+                        "checkpoint of the run)")
+    p.add_argument("--out_dir", default="", help="folder for a base model's results (default: out/base-<name>)")
+    p.add_argument("--force", action="store_true", help="evaluate again even when results with the same settings "
+                                                        "exist (cached completions are still reused)")
+    args = p.parse_args(argv)
+    if not args.table and not args.models:
+        p.error("give a model (run folder, checkpoint, base model) or --table")
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    for name in ("max_new_tokens", "limit", "max_pixels"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    try:
+        args.stepavg_steps = [int(s) for s in args.stepavg_steps.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--stepavg_steps must be comma-separated step numbers, got {args.stepavg_steps!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.table:
+        print(results_table([load_results(p) for p in find_results(args.table)]))
+        return
+    rank, world, device = init_distributed()
+
+    def log(message):
+        if rank == 0:
+            print(message, flush=True)
+
+    models = resolve_models(args.models, args.out_dir)
+    sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match)
+    log(f"{len(models)} model(s) x {len(sets)} set(s) ({', '.join(f'{s.name} {s.role} {s.metric}' for s in sets)}), "
+        f"{world} process(es) on {device}")
+    rows_of = {s.name: scoring_columns(s, args.limit) for s in sets}
+    for s in sets:
+        check_solutions(s, rows_of[s.name])
+    written = [evaluate_model(model, sets, rows_of, args, rank, world, device, log) for model in models]
+    if rank == 0:
+        for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir):
+            path = write_stepavg(run_dir, args.stepavg_steps, log)
+            if path:
+                written.append(read_json(path))
+        print()
+        print(results_table(written))
+    barrier(world)
+
+
+if __name__ == "__main__":
+    main()
