@@ -68,6 +68,32 @@ How many are there in the image? Which is left of right of above below the bigge
 count the number of sides colour color bar chart tallest shortest value largest smallest compare
 Detect every shape in the image and give its bounding box. Locate the the a an of in is are with and
 There are so the answer is Question: Answer: Choices: Hint: which what where how many
+Detect every circle in the image and give its bounding box [x1, y1, x2, y2] in pixels.
+Detect every square in the image and give its bounding box [x1, y1, x2, y2] in pixels.
+Detect every triangle in the image and give its bounding box [x1, y1, x2, y2] in pixels.
+Locate the red circle and give its bounding box [x1, y1, x2, y2] in pixels.
+Locate the blue square and give its bounding box [x1, y1, x2, y2] in pixels.
+Locate the green triangle and give its bounding box [x1, y1, x2, y2] in pixels.
+Locate the yellow circle and give its bounding box [x1, y1, x2, y2] in pixels.
+How many circles are there in the image? How many squares are there in the image?
+How many triangles are there in the image? How many shapes are there in the image?
+How many red shapes are there in the image? How many blue shapes are there in the image?
+How many green shapes are there in the image? How many yellow shapes are there in the image?
+Where is the red circle relative to the blue square?
+A. left
+B. right
+C. above
+D. below
+Where is the green triangle relative to the yellow circle?
+How many sides does the shape have? Which color do you get by mixing the two colors?
+What is the value of the red bar? What is the value of the blue bar? What is the value of the green bar?
+Are there more circles or squares? Are there more triangles or circles? Are there more red or blue shapes?
+the red circle is at the top left the blue square is at the middle right the green triangle is at the center
+the yellow circle is at the bottom center the red square is left of the blue circle right of above below the
+a triangle has 3 sides a square has 4 sides a circle has 0 sides red and yellow make orange
+blue and yellow make green red and blue make purple the red bar has 5 blocks no green shapes
+1 red circle, 2 blue squares, 3 green triangles, 1 yellow square
+Answer the question with a single word. Answer the question using a single word or phrase.
 """
 
 

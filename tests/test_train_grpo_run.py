@@ -168,8 +168,8 @@ def test_corrupt_checkpoint_is_reported_and_skipped(data_dir, cold_start_dir, tm
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     # an absurd learning rate overflows the weights after the first update
-    proc = train(data_dir, out, cold_start_dir, "--max_steps=6", "--checkpoint_every=1", "--learning_rate=1e38",
-                 "--warmup_ratio=0", "--grad_clip=1e38", check=False)
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=6", "--checkpoint_every=1", "--learning_rate=1e30",
+                 "--warmup_ratio=0", "--grad_clip=1e30", check=False)
     assert proc.returncode == 1
     assert re.search(r"training stopped: .*(non-finite|nan|inf)", proc.stderr), proc.stderr[-2000:]
     checkpoints = tg.find_checkpoints(str(out))
