@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Serves a model folder (a vlm.save_policy / save_pretrained folder) with vLLM on this machine's CPU, on
-# 127.0.0.1 only, with the development endpoints that weight sync needs. Runs in the foreground; Ctrl-C or
-# SIGTERM stops it. Ready when `curl http://127.0.0.1:PORT/health` answers (about a minute on 2 cores).
+# Serves a model folder written by vlm.save_for_vllm with vLLM on this machine's CPU, on 127.0.0.1 only,
+# with the development endpoints that weight sync needs. Runs in the foreground; Ctrl-C or SIGTERM stops it.
+# Ready when `curl http://127.0.0.1:PORT/health` answers (about a minute on 2 cores).
 #
 #   bash scripts/setup_vllm_cpu.sh                      # once: builds .venv-vllm
 #   scripts/serve_vllm_cpu.sh MODEL_DIR [PORT] [extra `vllm serve` arguments...]
@@ -10,7 +10,8 @@
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-    exit 2
+    [ $# -ge 1 ]  # exit status 0 for --help, 1 without arguments
+    exit
 fi
 MODEL_DIR=$1
 PORT=${2:-8000}
@@ -22,7 +23,7 @@ if [ ! -x "$VENV/bin/vllm" ]; then
     exit 1
 fi
 if [ ! -f "$MODEL_DIR/config.json" ]; then
-    echo "serve_vllm_cpu: $MODEL_DIR has no config.json; give a save_pretrained folder (vlm.save_policy)" >&2
+    echo "serve_vllm_cpu: $MODEL_DIR has no config.json; give a folder written by vlm.save_for_vllm" >&2
     exit 1
 fi
 
