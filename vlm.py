@@ -263,6 +263,7 @@ import concurrent.futures
 import http.client
 import io
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -485,27 +486,31 @@ def _prompt_mismatch(index, expected, served, url):
 SERVE_CPU_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "serve_vllm_cpu.sh")
 
 
-def start_cpu_server(model_dir, port, log_path, deadline_s=400):
-    """Starts scripts/serve_vllm_cpu.sh on 127.0.0.1:port, its output appended to log_path, and returns the
-    process once /health answers. It runs in a process group of its own, so stop_server ends vLLM's engine
-    and worker processes with it."""
+def start_cpu_server(model_dir, log_path, port=None, deadline_s=400):
+    """Starts scripts/serve_vllm_cpu.sh on 127.0.0.1:port (a free one by default), its output appended to
+    log_path, and returns (process, url) once /health answers. It runs in a process group of its own, so
+    stop_server ends vLLM's engine and worker processes with it."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
     with open(log_path, "ab") as log:
         process = subprocess.Popen([SERVE_CPU_SCRIPT, str(model_dir), str(port)], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/health"
+    url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     while time.monotonic() - start < deadline_s:
         if process.poll() is not None:
             raise VLLMServerError(f"vllm serve exited with code {process.returncode}; the end of {log_path}:\n"
                                   + _tail(log_path))
         try:
-            with urllib.request.urlopen(url, timeout=5):
-                return process
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return process, url
         except OSError:  # not listening yet, or 503 while it loads
             time.sleep(1)
     stop_server(process)
-    raise VLLMServerError(f"vllm serve did not answer {url} within {deadline_s} s; the end of {log_path}:\n"
-                          + _tail(log_path))
+    raise VLLMServerError(f"vllm serve did not answer {url}/health within {deadline_s} s; the end of "
+                          f"{log_path}:\n" + _tail(log_path))
 
 
 def stop_server(process, grace_s=30):

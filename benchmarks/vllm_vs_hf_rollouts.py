@@ -12,7 +12,7 @@ With --url the server must serve the same weights as --model (a vlm.save_for_vll
 import argparse
 import json
 import os
-import socket
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,12 +69,6 @@ def timed(generate):
     return statistics.median(seconds)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 work_dir = tempfile.mkdtemp(prefix="vllm_bench_")
 server = None
 if args.url is None:
@@ -82,10 +76,8 @@ if args.url is None:
         sys.exit(".venv-vllm is missing: run `bash scripts/setup_vllm_cpu.sh` first, or pass --url")
     model_dir = os.path.join(work_dir, "model")
     vlm.save_for_vllm(model, tokenizer, image_processor, model_dir)
-    port = free_port()
-    print(f"starting vllm serve on 127.0.0.1:{port} (about a minute; log {work_dir}/server.log)", file=sys.stderr)
-    server = vlm.start_cpu_server(model_dir, port, os.path.join(work_dir, "server.log"))
-    url = f"http://127.0.0.1:{port}"
+    print(f"starting vllm serve (about a minute; log {work_dir}/server.log)", file=sys.stderr)
+    server, url = vlm.start_cpu_server(model_dir, os.path.join(work_dir, "server.log"))
 else:
     url = args.url
 try:
@@ -107,6 +99,7 @@ try:
 finally:
     if server is not None:
         vlm.stop_server(server)
+shutil.rmtree(work_dir)  # reached only on success: after a failure it keeps the server log
 
 n_params = sum(p.numel() for p in model.parameters())
 results = {

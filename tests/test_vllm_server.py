@@ -132,9 +132,7 @@ class Server:
 
     def ensure_running(self):
         if self.process is None or self.process.poll() is not None:
-            self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
-            self.process = vlm.start_cpu_server(self.model_dir, self.port, self.log_path)
+            self.process, self.url = vlm.start_cpu_server(self.model_dir, self.log_path)
 
     def signal(self, signum):
         os.killpg(self.process.pid, signum)
@@ -165,6 +163,14 @@ def encode(policy, images):
     batch = vlm.encode_prompts(tokenizer, image_processor, PROMPTS, images)
     prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     return batch, prompt_ids
+
+
+@requires_server
+def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(vlm.VLLMServerError, match=r"(?s)vllm serve exited with code 1.*has no config.json"):
+        vlm.start_cpu_server(tmp_path, tmp_path / "server.log")
+    assert time.monotonic() - start < 10
 
 
 @requires_server
