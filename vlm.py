@@ -408,7 +408,8 @@ class VLLMClient:
                                       "VLLM_SERVER_DEV_MODE=1 in its environment") from None
         return model
 
-    def _chat_body(self, problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs):
+    def _chat_body(self, problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
+                   suppress_token_ids):
         content = [] if image is None else [
             {"type": "image_url", "image_url": {"url": image_data_uri(server_image(image, self.image_processor))}}]
         content.append({"type": "text", "text": problem})
@@ -421,21 +422,25 @@ class VLLMClient:
             "temperature": 0.0 if greedy else temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "ignore_eos": ignore_eos, "return_token_ids": True, "logprobs": logprobs,
+            "logit_bias": {str(token): -100.0 for token in suppress_token_ids},
         }
 
     def generate(self, problems, images, n=1, max_new_tokens=64, temperature=1.0, greedy=False, prompt_ids=None,
-                 ignore_eos=False, logprobs=False):
+                 suppress_token_ids=(), ignore_eos=False, logprobs=False):
         """n completions for each (problem, image) pair (image may be None), as vlm.generate returns them: a
         list of prompts * n completion token-id lists, grouped by prompt, each ending with the EOS token
         (<|im_end|>) when it stopped. One request per prompt, all in flight at once so the server batches them.
 
         prompt_ids: the trainer's own prompt token ids (unpadded, one list per prompt); when given, a server
         that tokenized a prompt differently (another chat template, tokenizer or image size) is an error.
+        suppress_token_ids: tokens never to sample, such as the vision tokens: an <|image_pad|> inside a
+        completion makes HF's Qwen2-VL count one image position too many when the trainer scores it.
         ignore_eos: generate max_new_tokens tokens whatever comes (benchmarks). logprobs: also return the
         server's log-probability of each sampled token (of the raw model, before temperature), as a
         (token ids, logprobs) pair.
         """
-        bodies = [self._chat_body(problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs)
+        bodies = [self._chat_body(problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
+                                  suppress_token_ids)
                   for problem, image in zip(problems, images, strict=True)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(bodies)))) as pool:
             answers = list(pool.map(lambda body: self._call("POST", "/v1/chat/completions", body), bodies))

@@ -231,9 +231,14 @@ def test_weight_sync_makes_the_server_generate_as_the_trainer(client, policy, im
 @requires_server
 def test_sampling_gives_n_completions_per_prompt_with_the_trainers_logprobs(client, policy, images):
     model, tokenizer, image_processor = policy
+    # The tiny model samples <|image_pad|> now and then (its output is near uniform); inside a completion it breaks the
+    # trainer's forward pass below (HF counts it as an image position), hence suppressed with the other vision tokens.
+    vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                              "<|image_pad|>", "<|video_pad|>"])
     completions, logprobs = client.generate(PROMPTS, images, n=4, max_new_tokens=16, temperature=1.0,
-                                            logprobs=True)
+                                            suppress_token_ids=vision, logprobs=True)
     assert len(completions) == len(logprobs) == len(PROMPTS) * 4
+    assert not any(token in vision for ids in completions for token in ids)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for ids, lps in zip(completions, logprobs):
         assert 1 <= len(ids) <= 16 and len(lps) == len(ids)
