@@ -333,3 +333,290 @@ def trim_after_eos(ids, tokenizer):
 
 def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts from a vLLM server. The server lives in its own environment (scripts/setup_vllm_cpu.sh and
+# scripts/serve_vllm_cpu.sh on CPU, `vllm serve` on a GPU: README, "Rollouts from a vLLM server"); this side
+# speaks plain HTTP through the standard library, so the training environment needs no vLLM. Every call has a
+# timeout and bounded retries, so a dead or hung server ends a run with an error instead of a silent hang.
+
+import base64
+import concurrent.futures
+import http.client
+import io
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+class VLLMServerError(RuntimeError):
+    """The vLLM server is missing, refused a request, died, or did not answer in time."""
+
+
+def save_for_vllm(model, tokenizer, image_processor, out_dir):
+    """The folder to start a vLLM server on: save_policy's folder with lm_head stored as its own copy of the
+    word embedding (tie_word_embeddings false), in one model.safetensors. A weight reload loads a tied lm_head
+    only through the embedding it shares, and vLLM's CPU backend computes logits from a packed copy made at
+    start, so after a sync a tied model answered with its old output layer (vllm-cpu 0.32). Untied, every
+    write_weights file carries lm_head and the served model equals the trainer's."""
+    save_policy(model, tokenizer, image_processor, out_dir)
+    for name in os.listdir(out_dir):  # save_pretrained's weight files (maybe sharded) give way to one file
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, name))
+    write_weights(model.state_dict(), out_dir)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["tie_word_embeddings"] = False
+    if "text_config" in config:
+        config["text_config"]["tie_word_embeddings"] = False
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_weights(state_dict, weights_dir):
+    """Writes state_dict as weights_dir/model.safetensors atomically (temporary file, then rename), the file
+    VLLMClient.reload_weights points the server at: the server never reads a half-written file."""
+    from safetensors.torch import save_file
+    os.makedirs(weights_dir, exist_ok=True)
+    tensors, seen = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        # safetensors refuses two names on one storage; tied weights (lm_head = embedding) get a copy each.
+        tensors[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    path = os.path.join(weights_dir, "model.safetensors")
+    # The temporary name does not end in .safetensors, so a server listing the folder never picks it up.
+    tmp_path = path + f".tmp{os.getpid()}"
+    save_file(tensors, tmp_path, metadata={"format": "pt"})
+    os.replace(tmp_path, path)
+    return path
+
+
+def server_image(image, image_processor):
+    """The image at the exact size image_processor resizes it to, resized the same way (PIL). The server's own
+    image processor resizes with torchvision, which differs by up to one intensity level; an image already at
+    its target size is left alone by both, so server and trainer see the same pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    image = image.convert("RGB")
+    height, width = smart_resize(image.height, image.width,
+                                 factor=image_processor.patch_size * image_processor.merge_size,
+                                 min_pixels=image_processor.size["shortest_edge"],
+                                 max_pixels=image_processor.size["longest_edge"])
+    return image.resize((width, height), resample=image_processor.resample)
+
+
+def image_data_uri(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # lossless: the server decodes exactly these pixels
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VLLMClient:
+    """A `vllm serve` process reached over HTTP: health check, batched generation with images, weight reload.
+
+    image_processor: the trainer's (load_policy's); images are resized with it before they are sent.
+    timeout: seconds one HTTP call may wait for its answer. retries: further attempts after a refused connection,
+    a dropped connection or a 5xx answer, waiting backoff * 1, 2, 4, ... seconds in between. A call that times
+    out is not retried (a hung server would only multiply the wait), so any call ends, at the latest, after
+    timeout + backoff * (2**retries - 1) seconds.
+    """
+
+    def __init__(self, url, image_processor, timeout=300.0, retries=3, backoff=1.0):
+        self.url = url.rstrip("/")
+        self.image_processor = image_processor
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def _call(self, method, path, body=None, retry_server_errors=True):
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode()
+        failure = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:1000]
+                if e.code < 500 or not retry_server_errors:  # retrying the same request cannot help
+                    raise VLLMServerError(f"{method} {url} failed (HTTP {e.code}): {detail}") from None
+                failure = f"HTTP {e.code}: {detail}"
+            except TimeoutError:
+                raise VLLMServerError(f"{method} {url}: no answer within {self.timeout:g} s; the vLLM server is "
+                                      "hung or overloaded (raise the timeout if it is only slow)") from None
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, TimeoutError):
+                    raise VLLMServerError(f"{method} {url}: no connection within {self.timeout:g} s") from None
+                failure = str(e.reason)
+            except (ConnectionError, http.client.HTTPException) as e:  # the server went away mid-answer
+                failure = f"{type(e).__name__}: {e}"
+            except json.JSONDecodeError as e:
+                raise VLLMServerError(f"{method} {url}: the answer is not JSON ({e})") from None
+        raise VLLMServerError(f"{method} {url} failed {self.retries + 1} times; last: {failure}")
+
+    def check_health(self, weight_sync=True, wait_s=0.0):
+        """Call once at start: a clear error when no server answers (within wait_s seconds, for a server
+        started alongside) or, with weight_sync, when it was started without the development endpoints that
+        reload weights. Returns the served model's description from /v1/models ("id", "max_model_len")."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._call("GET", "/health")
+                model = self._call("GET", "/v1/models")["data"][0]
+                break
+            except VLLMServerError as e:
+                if time.monotonic() >= deadline:
+                    raise VLLMServerError(
+                        f"no vLLM server answers at {self.url} ({e}). Start one first, on CPU with "
+                        "`scripts/serve_vllm_cpu.sh MODEL_DIR PORT` (after `bash scripts/setup_vllm_cpu.sh`), on a "
+                        "GPU with `VLLM_SERVER_DEV_MODE=1 vllm serve MODEL_DIR --host 127.0.0.1 --port PORT ...`; "
+                        "MODEL_DIR written by vlm.save_for_vllm (README: Rollouts from a vLLM server)") from None
+                time.sleep(max(0.0, min(5.0, deadline - time.monotonic())))
+        if weight_sync:
+            try:
+                self._call("GET", "/is_sleeping")  # one of the development endpoints
+            except VLLMServerError as e:
+                raise VLLMServerError(f"the vLLM server at {self.url} cannot reload weights ({e}): restart it with "
+                                      "VLLM_SERVER_DEV_MODE=1 in its environment") from None
+        return model
+
+    def _chat_body(self, problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
+                   suppress_token_ids):
+        content = [] if image is None else [
+            {"type": "image_url", "image_url": {"url": image_data_uri(server_image(image, self.image_processor))}}]
+        content.append({"type": "text", "text": problem})
+        # Every sampling parameter is sent, so the server's defaults (a model's generation_config can carry
+        # top_k, top_p or repetition_penalty) never apply: the samples come from the plain softmax the trainer
+        # scores them with.
+        return {
+            "messages": [{"role": "user", "content": content}],
+            "n": 1 if greedy else n, "max_tokens": max_new_tokens,
+            "temperature": 0.0 if greedy else temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "ignore_eos": ignore_eos, "return_token_ids": True, "logprobs": logprobs,
+            "logit_bias": {str(token): -100.0 for token in suppress_token_ids},
+        }
+
+    def generate(self, problems, images, n=1, max_new_tokens=64, temperature=1.0, greedy=False, prompt_ids=None,
+                 suppress_token_ids=(), ignore_eos=False, logprobs=False):
+        """n completions for each (problem, image) pair (image may be None), as vlm.generate returns them: a
+        list of prompts * n completion token-id lists, grouped by prompt, each ending with the EOS token
+        (<|im_end|>) when it stopped. One request per prompt, all in flight at once so the server batches them.
+
+        prompt_ids: the trainer's own prompt token ids (unpadded, one list per prompt); when given, a server
+        that tokenized a prompt differently (another chat template, tokenizer or image size) is an error.
+        suppress_token_ids: tokens never to sample, such as the vision tokens: an <|image_pad|> inside a
+        completion makes HF's Qwen2-VL count one image position too many when the trainer scores it.
+        ignore_eos: generate max_new_tokens tokens whatever comes (benchmarks). logprobs: also return the
+        server's log-probability of each sampled token (of the raw model, before temperature), as a
+        (token ids, logprobs) pair.
+        """
+        bodies = [self._chat_body(problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
+                                  suppress_token_ids)
+                  for problem, image in zip(problems, images, strict=True)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(bodies)))) as pool:
+            answers = list(pool.map(lambda body: self._call("POST", "/v1/chat/completions", body), bodies))
+        completions, completion_logprobs = [], []
+        for i, answer in enumerate(answers):
+            if prompt_ids is not None and answer["prompt_token_ids"] != list(prompt_ids[i]):
+                raise VLLMServerError(_prompt_mismatch(i, list(prompt_ids[i]), answer["prompt_token_ids"], self.url))
+            choices = sorted(answer["choices"], key=lambda choice: choice["index"])
+            if greedy:  # vLLM refuses n > 1 without sampling; the n greedy completions are one and the same
+                choices = choices * n
+            completions += [choice["token_ids"] for choice in choices]
+            if logprobs:
+                completion_logprobs += [[t["logprob"] for t in choice["logprobs"]["content"]] for choice in choices]
+        return (completions, completion_logprobs) if logprobs else completions
+
+    def reload_weights(self, weights_dir):
+        """Points the server at weights_dir/model.safetensors (write_weights) and returns once it serves them.
+        Call it between generate calls: a reload lands between two decoding steps, so a request in flight
+        would finish with the new weights. The folder must be readable by the server under the same path."""
+        weights_dir = os.path.abspath(weights_dir)
+        if not os.path.isfile(os.path.join(weights_dir, "model.safetensors")):
+            # Checked here because a reload that fails inside vLLM leaves its model half-loaded and kills it.
+            raise FileNotFoundError(f"{weights_dir}/model.safetensors does not exist; write it with write_weights")
+        try:
+            self._call("POST", "/collective_rpc", retry_server_errors=False,
+                       body={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}})
+        except VLLMServerError as e:
+            raise VLLMServerError(f"weight reload from {weights_dir} failed ({e}); a failed reload leaves the "
+                                  "server's model half-loaded: restart the server") from None
+        # The encoder cache holds image embeddings computed with the old vision weights; vLLM 0.32 clears
+        # the worker's copy on reload but not the scheduler's, and the next request with an image seen before
+        # then crashes the engine ("Encoder cache miss"). The prefix cache holds keys/values of the old weights.
+        self._call("POST", "/reset_encoder_cache")
+        answer = self._call("POST", "/reset_prefix_cache")
+        if not (answer or {}).get("success"):
+            raise VLLMServerError(f"POST {self.url}/reset_prefix_cache did not reset the cache ({answer}): "
+                                  "requests were running during the reload; reload between generate calls")
+
+
+def _prompt_mismatch(index, expected, served, url):
+    at = next((k for k, (a, b) in enumerate(zip(expected, served)) if a != b), min(len(expected), len(served)))
+    return (f"prompt {index}: the vLLM server at {url} tokenized it differently from encode_prompts "
+            f"({len(served)} tokens vs {len(expected)}, first difference at token {at}: server "
+            f"{served[at:at + 8]} vs trainer {expected[at:at + 8]}); serve the folder of the model the trainer "
+            "loads (same tokenizer, chat template and preprocessor_config.json)")
+
+
+SERVE_CPU_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "serve_vllm_cpu.sh")
+
+
+def start_cpu_server(model_dir, log_path, port=None, deadline_s=400):
+    """Starts scripts/serve_vllm_cpu.sh on 127.0.0.1:port (a free one by default), its output appended to
+    log_path, and returns (process, url) once /health answers. It runs in a process group of its own, so
+    stop_server ends vLLM's engine and worker processes with it."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([SERVE_CPU_SCRIPT, str(model_dir), str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        if process.poll() is not None:
+            raise VLLMServerError(f"vllm serve exited with code {process.returncode}; the end of {log_path}:\n"
+                                  + _tail(log_path))
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return process, url
+        except OSError:  # not listening yet, or 503 while it loads
+            time.sleep(1)
+    stop_server(process)
+    raise VLLMServerError(f"vllm serve did not answer {url}/health within {deadline_s} s; the end of "
+                          f"{log_path}:\n" + _tail(log_path))
+
+
+def stop_server(process, grace_s=30):
+    """SIGTERM to the server's process group, SIGKILL after grace_s seconds and for any process left over."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+    process.wait()
+
+
+def _tail(path, lines=40):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

