@@ -415,8 +415,9 @@ def cold_start(config, manifest, datasets, accelerator, log):
 def _run_cold_start(config, datasets, folder, key, key_fields, log):
     torch.manual_seed(config["seed"])
     model, tokenizer, image_processor = load_model(config)
+    model.requires_grad_(True)  # the vision tower too: a randomly initialised one must learn to see
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config["cold_start_lr"], weight_decay=0.0)
     steps = config["cold_start_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
