@@ -488,6 +488,36 @@ def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
     return complete
 
 
+def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, sync_dir):
+    """The same function, answered by a running vLLM server (README: Rollouts from a vLLM server) into which
+    the model's weights are loaded first; the server must have been started on a folder of the same architecture
+    and tokenizer (a mismatch in tokenization is an error naming the prompt)."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
+    if max_pixels:
+        image_processor.size["longest_edge"] = max_pixels
+    client = vlm.VLLMClient(url, image_processor, timeout=timeout)
+    try:
+        client.check_health(weight_sync=True)
+        vlm.write_weights(model.state_dict(), sync_dir)  # state_dict carries a tied lm_head explicitly
+        client.reload_weights(sync_dir)
+    except vlm.VLLMServerError as e:
+        raise SystemExit(f"error: {e}")
+    del model
+
+    def complete(problems, images):
+        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
+        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        try:
+            ids = client.generate(problems, images, n=1, max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                                  greedy=temperature == 0, prompt_ids=prompt_ids,
+                                  suppress_token_ids=vlm.vision_token_ids(tokenizer))
+        except vlm.VLLMServerError as e:
+            raise SystemExit(f"error: {e} (the completions generated so far are cached; run again to resume)")
+        return [vlm.decode(tokenizer, c) for c in ids]
+    return complete
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel under torchrun: every process generates a slice of the items into its own cache file (a shared file
 # system, as training's checkpoints need); rank 0 merges the files once, scores, and writes the results.
@@ -561,8 +591,13 @@ def generate_missing(model, sets, rows_of, done, generation, args, rank, world, 
     total = sum(len(v) for v in mine.values())
     if total == 0:
         return
-    engine = hf_engine(model.source, generation["max_new_tokens"], generation["temperature"],
-                       generation["max_pixels"], device)
+    if args.engine == "vllm":
+        engine = vllm_engine(model.source, generation["max_new_tokens"], generation["temperature"],
+                             generation["max_pixels"], args.vllm_url, args.vllm_timeout,
+                             os.path.join(model.folder, ".partial", "vllm_weights"))
+    else:
+        engine = hf_engine(model.source, generation["max_new_tokens"], generation["temperature"],
+                           generation["max_pixels"], device)
     torch.manual_seed(generation["seed"] + rank)
     cache_file = os.path.join(model.folder, ".partial", f"{socket.gethostname()}-{os.getpid()}.jsonl")
     bar = tqdm(total=total, desc=f"{model.run} step {model.step}" + (f" (rank 0 of {world})" if world > 1 else ""),
@@ -629,7 +664,7 @@ def score_sets(sets, rows_of, completions):
 def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
     """results.json and predictions.jsonl of one model in model.folder (written by rank 0), or the existing ones
     when they were made with the same settings. Returns the results (None on the other ranks)."""
-    generation = {"model": model_digest(model), "temperature": args.temperature, "seed": args.seed,
+    generation = {"model": model_digest(model), "engine": args.engine, "temperature": args.temperature, "seed": args.seed,
                   "max_new_tokens": args.max_new_tokens or model.train_config.get("max_completion_length", 1024),
                   "max_pixels": args.max_pixels or model.train_config.get("max_pixels", 0),
                   "sets": {s.name: s.fingerprint for s in sets}}
@@ -794,6 +829,12 @@ def parse_args(argv):
     p.add_argument("--stepavg_steps", default="",
                    help="comma-separated steps the StepAvg averages, e.g. 500,1500,2000 (default: every evaluated "
                         "checkpoint of the run)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: HF generate in this process (default); vllm: a running vLLM server, into which each "
+                        "model's weights are loaded first (one process: the server batches)")
+    p.add_argument("--vllm_url", default="http://127.0.0.1:8000", help="the vLLM server (default: %(default)s)")
+    p.add_argument("--vllm_timeout", type=float, default=300.0,
+                   help="seconds one server call may take before the evaluation stops with an error (default 300)")
     p.add_argument("--out_dir", default="", help="folder for a base model's results (default: out/base-<name>)")
     p.add_argument("--force", action="store_true", help="evaluate again even when results with the same settings "
                                                         "exist (cached completions are still reused)")
@@ -820,6 +861,8 @@ def main(argv=None):
         print(results_table([load_results(p) for p in find_results(args.table)]))
         return
     rank, world, device = init_distributed()
+    if args.engine == "vllm" and world > 1:
+        raise SystemExit("error: --engine vllm runs in one process (the server batches); drop torchrun")
 
     def log(message):
         if rank == 0:

@@ -88,6 +88,14 @@ learning_rate = 2e-5              # paper: 1e-6
 weight_decay = 0.0
 warmup_ratio = 0.1
 grad_clip = 1.0
+# rollouts
+rollout_engine = "hf"             # "hf": HF generate in the trainer | "vllm": a vLLM server (README: Rollouts from a vLLM server)
+vllm_url = "http://127.0.0.1:8000"
+vllm_timeout = 300.0              # seconds one server call may take; then the run stops with an error, never hangs
+vllm_retries = 3                  # retries of refused or dropped connections and 5xx answers
+vllm_sync_every = 1               # steps between weight syncs to the server (1: on-policy, as the paper)
+vllm_sync_dir = ""                # where synced weights are written, readable by the server (default: out_dir/vllm_weights)
+vllm_logprobs = False             # diagnostic: log the mean |trainer - vLLM| log-prob of the sampled tokens
 # logging and checkpoints
 log_samples_every = 20            # write a few completions to samples.jsonl every N steps
 checkpoint_every = 50             # and at the end
@@ -151,6 +159,10 @@ def parse_config(argv):
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
+    if config["rollout_engine"] not in ("hf", "vllm"):
+        raise SystemExit(f"error: rollout_engine must be 'hf' or 'vllm', got {config['rollout_engine']!r}")
+    if config["vllm_logprobs"] and config["temperature"] != 1.0:
+        raise SystemExit("error: vllm_logprobs compares raw log-probs, so it needs temperature = 1")
     if config["num_generations"] < 2:
         raise SystemExit("error: num_generations must be >= 2 (the group is the baseline)")
     return config
@@ -490,6 +502,56 @@ def rollout_hf(accelerator, model, tokenizer, prompts, config):
                             temperature=config["temperature"])
 
 
+def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots, config):
+    """The main process asks the server for the step's prompts x G completions (n = G per prompt) and shares
+    them; each process keeps its slots. A server failure is shared too, so no process waits for the others.
+    Returns (completions, vLLM log-probs or None) for this process's slots."""
+    from accelerate.utils import broadcast_object_list
+    result = [None, None, None]  # completions, logprobs, error
+    if accelerator.is_main_process:
+        try:
+            problems, images = [r[0] for r in records], [r[1] for r in records]
+            prompt_ids = vlm.encode_prompts(tokenizer, image_processor, problems, images,
+                                            config["max_prompt_length"])
+            unpadded = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids["input_ids"],
+                                                                       prompt_ids["attention_mask"])]
+            out = client.generate(problems, images, n=config["num_generations"],
+                                  max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
+                                  prompt_ids=unpadded, suppress_token_ids=vlm.vision_token_ids(tokenizer),
+                                  logprobs=config["vllm_logprobs"])
+            result[:2] = out if config["vllm_logprobs"] else (out, None)
+        except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
+            result[2] = f"{type(e).__name__}: {e}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    completions, logprobs, error = result
+    if error:
+        raise TrainingStopped(f"vLLM rollout failed: {error}; the last checkpoint is kept")
+    G = config["num_generations"]
+    mine = [p * G + g for p, g in slots]
+    return [completions[i] for i in mine], (None if logprobs is None else [logprobs[i] for i in mine])
+
+
+def sync_vllm_weights(accelerator, model, client, sync_dir):
+    """Gather the policy (ZeRO-3 / FSDP shards too), write it atomically, have the server reload it; returns
+    the seconds it took. Every process takes part in the gather; only the main one talks to the server."""
+    from accelerate.utils import broadcast_object_list
+    t0 = time.perf_counter()
+    state_dict = accelerator.get_state_dict(model)
+    result = [None]
+    if accelerator.is_main_process:
+        try:
+            vlm.write_weights(state_dict, sync_dir)
+            client.reload_weights(sync_dir)
+        except Exception as e:
+            result[0] = f"{type(e).__name__}: {e}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    if result[0]:
+        raise TrainingStopped(f"weight sync to the vLLM server failed: {result[0]}; the last checkpoint is kept")
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -631,6 +693,21 @@ def main(argv):
             json.dump(run_info, f, indent=1)
     accelerator.wait_for_everyone()
 
+    client, sync_dir = None, config["vllm_sync_dir"] or os.path.join(out_dir, "vllm_weights")
+    if config["rollout_engine"] == "vllm":
+        error = None
+        if accelerator.is_main_process:
+            client = vlm.VLLMClient(config["vllm_url"], image_processor, timeout=config["vllm_timeout"],
+                                    retries=config["vllm_retries"])
+            try:
+                served = client.check_health(weight_sync=True)
+                log(f"vLLM server at {config['vllm_url']} serves {served['id']}")
+            except vlm.VLLMServerError as e:
+                error = str(e)
+        stop_if_any_failed(accelerator, error)
+        # The server starts from whatever folder it was given; the policy may be a cold start or a resume.
+        log(f"weights synced to the vLLM server in {sync_vllm_weights(accelerator, model, client, sync_dir):.2f} s")
+
     model.train()
     pad_id = tokenizer.pad_token_id
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="grpo",
@@ -644,14 +721,19 @@ def main(argv):
 
         # 1. rollouts: one completion per owned slot
         t0 = time.perf_counter()
-        error = None
-        try:
-            prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in mine], [r[1] for r in mine],
-                                         config["max_prompt_length"])
-            completions = rollout_hf(accelerator, model, tokenizer, prompts, config)
-        except Exception as e:  # reported on every process, so none waits in a collective for this one
-            error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
-        stop_if_any_failed(accelerator, error)
+        server_logprobs = None
+        if config["rollout_engine"] == "vllm":
+            completions, server_logprobs = rollout_vllm(accelerator, client, tokenizer, image_processor, records,
+                                                        slots, config)
+        else:
+            error = None
+            try:
+                prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in mine],
+                                             [r[1] for r in mine], config["max_prompt_length"])
+                completions = rollout_hf(accelerator, model, tokenizer, prompts, config)
+            except Exception as e:  # reported on every process, so none waits in a collective for this one
+                error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
+            stop_if_any_failed(accelerator, error)
         t_generate = time.perf_counter() - t0
 
         # 2. rewards here, advantages over whole groups (gathered from every process)
@@ -672,7 +754,7 @@ def main(argv):
         size = config["micro_batch_size"]
         micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
         cached = {}  # micro-batch index -> (prompts, ids, mask, ref_logp, old_logp)
-        losses, kls, clips, grad_norms = [], [], [], []
+        losses, kls, clips, grad_norms, server_diffs = [], [], [], [], []
         for iteration in range(config["num_iterations"]):
             for k, mb in enumerate(micro_batches):
                 if k not in cached:
@@ -699,6 +781,10 @@ def main(argv):
                         advantages[mb].to(logp.device), c_mask, config["epsilon_low"], config["epsilon_high"],
                         config["beta"], config["loss_type"], config["max_completion_length"])
                     accelerator.backward(loss / len(micro_batches))
+                if server_logprobs is not None and iteration == 0:  # the weights that generated them
+                    served = pad_completions([server_logprobs[i] for i in mb], 0, accelerator.device)[0]
+                    diff = ((logp.detach() - served.to(logp.dtype)).abs() * c_mask).sum() / c_mask.sum()
+                    server_diffs.append(diff.item())
                 losses.append(loss.item())
                 kls.append(stats["kl"])
                 clips.append(stats["clip_fraction"])
@@ -718,9 +804,14 @@ def main(argv):
                                       "checkpoint is kept")
             t_opt += time.perf_counter() - t0
 
+        t_sync = 0.0
+        if config["rollout_engine"] == "vllm" and ((step + 1) % config["vllm_sync_every"] == 0) \
+                and step + 1 < total_steps:
+            t_sync = sync_vllm_weights(accelerator, model, client, sync_dir)
+
         # 4. metrics, samples, checkpoint
         lengths = [len(c) for c in completions]
-        mine_stats = (scores, [r[3] for r in mine], lengths, mean(losses), mean(kls), mean(clips))
+        mine_stats = (scores, [r[3] for r in mine], lengths, mean(losses), mean(kls), mean(clips), server_diffs)
         gathered = gather_object([mine_stats]) if world > 1 else [mine_stats]
         t_total = time.perf_counter() - t_step
         if accelerator.is_main_process:
@@ -732,7 +823,9 @@ def main(argv):
                        "lr": lr, **step_metrics(all_scores, all_domains, all_lengths),
                        "samples_per_s": len(all_scores) / t_total, "tokens_per_s": sum(all_lengths) / t_total,
                        "t_generate": t_generate, "t_reward": t_reward, "t_ref_old": t_ref_old,
-                       "t_forward_backward": t_fwd_bwd, "t_optimizer": t_opt, "t_step": t_total}
+                       "t_forward_backward": t_fwd_bwd, "t_optimizer": t_opt, "t_sync": t_sync, "t_step": t_total}
+            if config["vllm_logprobs"]:
+                metrics["vllm_logprob_abs_diff"] = mean(d for g in gathered for d in g[6])
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if config["log_samples_every"] and (step + 1) % config["log_samples_every"] == 0:

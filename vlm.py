@@ -312,6 +312,13 @@ def repeat_batch(batch, n):
     return out
 
 
+def vision_token_ids(tokenizer):
+    """Tokens a completion must never contain: an <|image_pad|> in a completion makes Qwen2-VL's forward count
+    one image position too many when the trainer scores it. Suppressed at sampling, masked when scoring."""
+    return tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                            "<|image_pad|>", "<|video_pad|>"])
+
+
 @torch.no_grad()
 def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False):
     """n completions per prompt with HF generate. Returns a list (len = prompts * n, grouped by prompt) of
@@ -321,7 +328,7 @@ def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, g
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_token_ids(tokenizer))
     completions = out[:, inputs["input_ids"].shape[1]:].tolist()
     return [trim_after_eos(ids, tokenizer) for ids in completions]
 

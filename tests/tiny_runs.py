@@ -1,0 +1,66 @@
+"""train_grpo.py runs for the tests: a small dataset in prepare_data.py's record format, one shared cold start,
+and each run launched as a subprocess, as a user would (fixtures in conftest.py)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("t_", "samples_per_s", "tokens_per_s")
+SUFFIX = " Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+
+
+def write_dataset(data_dir, domain, n, seed):
+    """n records of 'how many circles' in the record format prepare_data.py writes, and their manifest entry."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(1, 3)
+        image = PILImage.new("RGB", (56, 56), "white")
+        draw = ImageDraw.Draw(image)
+        for j in range(k):
+            draw.ellipse([4 + 16 * j, 20, 16 + 16 * j, 32], fill="red")
+        rows.append({"id": f"{domain}-{i}", "domain": domain, "image": image,
+                     "problem": "How many circles?" + SUFFIX, "solution": f"<answer>{k}</answer>",
+                     "meta": json.dumps({"image_size": [56, 56], "rationale": f"{k} circles"})})
+    features = Features({"id": Value("string"), "domain": Value("string"), "image": Image(),
+                         "problem": Value("string"), "solution": Value("string"), "meta": Value("string")})
+    ds = Dataset.from_list(rows, features=features)
+    ds.save_to_disk(os.path.join(data_dir, domain, "train"))
+    return {"source": "test", "reward": "math", "role": "train",
+            "splits": {"train": {"path": f"{domain}/train", "rows": n, "fingerprint": ds._fingerprint,
+                                 "n_skipped": 0, "skipped": []}}}
+
+
+def write_data_dir(path):
+    manifest = {"format_version": 1, "evaluation": {"in_domain": [], "out_of_domain": []},
+                "datasets": {"syn_count": write_dataset(path, "syn_count", 60, 0),
+                             "syn_colorcount": write_dataset(path, "syn_colorcount", 12, 1)}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def train(data_dir, out_dir, cold_start_dir, *extra, launcher=(sys.executable,), check=True, wait=True):
+    """Runs train_grpo.py with small settings (extra overrides them); Popen when wait is False."""
+    argv = [*launcher, os.path.join(ROOT, "train_grpo.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+            f"--cold_start_dir={cold_start_dir}", "--cold_start_steps=120", "--max_completion_length=24",
+            "--learning_rate=1e-3", "--checkpoint_every=2", "--log_samples_every=1", "--prompts_per_step=2",
+            "--micro_batch_size=12", *extra]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not wait:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out_dir):
+    """metrics.jsonl without the timings, which differ between runs."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING_KEYS)} for line in f]
