@@ -5,7 +5,7 @@ Prepares every dataset the later stages read, in one record format, saved per do
     python prepare_data.py --dataset paper          # the paper's five training sets and their test sets (hub)
     python prepare_data.py --dataset benchmarks     # ChartQA, InfoVQA, MathVista, MMMU: out-of-domain tests (hub)
     python prepare_data.py --dataset lisa --split test --source /mirrors/lisa-problems-dataset-test
-    python prepare_data.py --contact-sheet docs/synthetic_contact_sheet.png
+    python prepare_data.py --contact_sheet docs/synthetic_contact_sheet.png
 
 Every record: id, domain, image (datasets Image), problem (the user text exactly as the model sees it, instruction
 suffix included), solution (what that domain's reward in rewards.py reads, e.g. "<answer>B</answer>"), meta (a JSON
@@ -935,14 +935,14 @@ def main(argv=None):
     p.add_argument("--split", help="build only this split of the dataset (e.g. test); default: all of its splits")
     p.add_argument("--source", help="hub name or local folder (save_to_disk, DatasetDict, or a hub snapshot) to read "
                                     "instead of the default; needs exactly one dataset and split")
-    p.add_argument("--data-dir", default="data", help="output root (default: data)")
+    p.add_argument("--data_dir", default="data", help="output root (default: data)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row, naming dataset, split and row, "
                                                          "instead of skipping it and counting it in the manifest")
     p.add_argument("--force", action="store_true", help="rebuild splits the manifest lists as up to date")
     p.add_argument("--seed", type=int, default=0, help="synthetic suite: seed (default 0)")
-    p.add_argument("--n-train", type=int, default=3000, help="synthetic suite: examples per training domain")
-    p.add_argument("--n-test", type=int, default=300, help="synthetic suite: test examples per domain")
-    p.add_argument("--contact-sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
+    p.add_argument("--n_train", type=int, default=3000, help="synthetic suite: examples per training domain")
+    p.add_argument("--n_test", type=int, default=300, help="synthetic suite: test examples per domain")
+    p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
 

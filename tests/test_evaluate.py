@@ -452,14 +452,14 @@ def prepared(tmp_path_factory):
     import raw_fixtures
     root = tmp_path_factory.mktemp("prepared")
     data_dir = str(root / "data")
-    prepare_data.main(["--data-dir", data_dir, "--n-train", "2", "--n-test", "4"])
+    prepare_data.main(["--data_dir", data_dir, "--n_train", "2", "--n_test", "4"])
     sources = [("lisa", raw_fixtures.lisa_test(), None, "test"), ("sat", raw_fixtures.sat(), None, "test"),
                ("scienceqa", raw_fixtures.scienceqa(), None, "test"), ("chartqa", raw_fixtures.chartqa(), "test", None),
                ("infovqa", raw_fixtures.infovqa(), "validation", None),
                ("mathvista", raw_fixtures.mathvista(), "testmini", None), ("mmmu", raw_fixtures.mmmu(), "validation", None)]
     for name, raw, raw_split, split in sources:
         source = raw_fixtures.save(raw, root / f"raw-{name}", split=raw_split)
-        prepare_data.main(["--dataset", name, "--source", source, "--data-dir", data_dir] +
+        prepare_data.main(["--dataset", name, "--source", source, "--data_dir", data_dir] +
                           (["--split", split] if split else []))
     return root, data_dir
 

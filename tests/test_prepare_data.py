@@ -20,7 +20,7 @@ SUFFIX_PLAIN = " Output the thinking process in <think> </think> and final answe
 
 
 def build(data_dir, dataset, source, split=None, *flags):
-    P.main(["--dataset", dataset, "--source", str(source), "--data-dir", str(data_dir), *flags] +
+    P.main(["--dataset", dataset, "--source", str(source), "--data_dir", str(data_dir), *flags] +
            (["--split", split] if split else []))
 
 
@@ -275,7 +275,7 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     """SIGKILL the synthetic build once it has listed a split: every listed split loads with its manifest
     fingerprint; a second run skips what is done and ends with the same fingerprints as one uninterrupted run."""
     data = tmp_path / "data"
-    argv = [sys.executable, P.__file__, "--data-dir", str(data), "--n-train", "200", "--n-test", "20"]
+    argv = [sys.executable, P.__file__, "--data_dir", str(data), "--n_train", "200", "--n_test", "20"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -288,7 +288,7 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     for (domain, split), entry in listed.items():
         assert P.fingerprint(load(data, domain, split)) == entry["fingerprint"]
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    P.main(["--data-dir", str(tmp_path / "clean"), "--n-train", "200", "--n-test", "20"])
+    P.main(["--data_dir", str(tmp_path / "clean"), "--n_train", "200", "--n_test", "20"])
     resumed, clean = manifest(data), manifest(tmp_path / "clean")
     assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
            {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in clean["datasets"].items()}
@@ -296,7 +296,7 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
 
 def test_source_replaces_one_split_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        P.main(["--dataset", "lisa", "--source", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+        P.main(["--dataset", "lisa", "--source", str(tmp_path), "--data_dir", str(tmp_path / "data")])
     assert "--source replaces the source of one dataset split" in capsys.readouterr().err
 
 
@@ -307,7 +307,7 @@ def test_help_documents_every_source_and_option(capsys):
     for name in ["laolao77/ViRFT_COCO", "yiqingliang/lisa-problems-dataset-test", "yiqingliang/geoqav-problems-dataset",
                  "yiqingliang/sat-problems-dataset", "yiqingliang/scienceqa-problems-dataset-test",
                  "lmms-lab/ChartQA", "lmms-lab/DocVQA [InfographicVQA] (validation)", "AI4Math/MathVista",
-                 "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact-sheet", "--split", "--force",
+                 "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact_sheet", "--split", "--force",
                  "lmms-lab-encoder/", "longer than 640 px"]:
         assert name in text
 
@@ -334,7 +334,7 @@ def test_answers_map_to_letters():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     data = tmp_path_factory.mktemp("synthetic")
-    P.main(["--data-dir", str(data), "--n-train", "60", "--n-test", "30"])
+    P.main(["--data_dir", str(data), "--n_train", "60", "--n_test", "30"])
     return data
 
 
@@ -378,8 +378,8 @@ def test_same_seed_same_fingerprint_other_seed_other_fingerprint(synthetic, tmp_
     def fingerprints(data):
         return {(d, s): e["fingerprint"] for d, v in manifest(data)["datasets"].items() for s, e in v["splits"].items()}
 
-    P.main(["--data-dir", str(tmp_path / "same"), "--n-train", "60", "--n-test", "30"])
-    P.main(["--data-dir", str(tmp_path / "other"), "--n-train", "60", "--n-test", "30", "--seed", "1"])
+    P.main(["--data_dir", str(tmp_path / "same"), "--n_train", "60", "--n_test", "30"])
+    P.main(["--data_dir", str(tmp_path / "other"), "--n_train", "60", "--n_test", "30", "--seed", "1"])
     ours, same, other = fingerprints(synthetic), fingerprints(tmp_path / "same"), fingerprints(tmp_path / "other")
     assert ours == same
     assert all(ours[k] != other[k] for k in ours)
@@ -388,7 +388,7 @@ def test_same_seed_same_fingerprint_other_seed_other_fingerprint(synthetic, tmp_
 
 def test_contact_sheet(tmp_path):
     from PIL import Image
-    P.main(["--contact-sheet", str(tmp_path / "sheet.png"), "--data-dir", str(tmp_path / "data")])
+    P.main(["--contact_sheet", str(tmp_path / "sheet.png"), "--data_dir", str(tmp_path / "data")])
     sheet = Image.open(tmp_path / "sheet.png")
     assert sheet.size[0] == 120 + 4 * 250 and sheet.size[1] > 8 * 224
     assert not os.path.exists(tmp_path / "data")  # the flag draws, it builds nothing

@@ -53,8 +53,8 @@ def test_evaluate_with_the_server_scores_as_hf_does(server, cold_start_dir, tmp_
     _, url = server
     data = tmp_path / "data"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--data-dir", str(data), "--n-train", "2",
-                    "--n-test", "4"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--data_dir", str(data), "--n_train", "2",
+                    "--n_test", "4"], env=env, check=True, capture_output=True)
     results = {}
     for engine in ("hf", "vllm"):
         out = tmp_path / engine
