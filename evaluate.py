@@ -34,7 +34,6 @@ test-size-weighted means over those sets, as the paper computes them. The model'
 import argparse
 import datetime
 import glob
-import hashlib
 import json
 import math
 import os
@@ -303,17 +302,6 @@ TestSet = namedtuple("TestSet", "name domain split path rows fingerprint metric 
 RECORD_COLUMNS = ("id", "domain", "image", "problem", "solution", "meta")
 
 
-def load_manifest(data_dir):
-    path = os.path.join(data_dir, "manifest.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({e})")
-
-
 def metric_of(domain, entry, exact_match):
     """The metric of a domain: the manifest's "reward" field names a BENCHMARK_METRICS entry or a rewards.py domain."""
     name = entry.get("reward", domain)
@@ -330,7 +318,7 @@ def open_test_sets(data_dir, names=None, exact_match=False):
     """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
     from datasets import load_from_disk
     manifest_path = os.path.join(data_dir, "manifest.json")
-    manifest = load_manifest(data_dir)
+    manifest = vlm.load_manifest(data_dir)
     evaluation = manifest.get("evaluation", {})
     roles = {name: "in" for name in evaluation.get("in_domain", [])}
     roles.update({name: "out" for name in evaluation.get("out_of_domain", [])})

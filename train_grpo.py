@@ -38,7 +38,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import rewards
@@ -63,7 +62,8 @@ cold_start_dir = "out/cold_start" # cached result, reused by every run with the 
 cold_start_batch = 16
 cold_start_lr = 3e-3
 # data mixture
-mixture = "uniform"               # "uniform", '{"syn_count": 2, "syn_ground": 1}', a {domain: w} JSON file, or predict_mixture.py's mixtures.json
+mixture = "uniform"               # "uniform", '{"syn_count": 2, "syn_ground": 1}', a {domain: w} JSON file,
+                                  # or predict_mixture.py's mixtures.json
 mixture_proposal = ""             # which proposal of a mixtures.json (default: its first)
 sampling = "interleave_under"     # "interleave_under": stop when a domain is exhausted (paper) | "with_replacement"
 max_steps = 200                   # GRPO steps; 0: until a domain is exhausted (interleave_under only)
@@ -89,12 +89,12 @@ weight_decay = 0.0
 warmup_ratio = 0.1
 grad_clip = 1.0
 # rollouts
-rollout_engine = "hf"             # "hf": HF generate in the trainer | "vllm": a vLLM server (README: Rollouts from a vLLM server)
+rollout_engine = "hf"             # "hf": generate in the trainer | "vllm": a vLLM server (see the README)
 vllm_url = "http://127.0.0.1:8000"
 vllm_timeout = 300.0              # seconds one server call may take; then the run stops with an error, never hangs
 vllm_retries = 3                  # retries of refused or dropped connections and 5xx answers
 vllm_sync_every = 1               # steps between weight syncs to the server (1: on-policy, as the paper)
-vllm_sync_dir = ""                # where synced weights are written, readable by the server (default: out_dir/vllm_weights)
+vllm_sync_dir = ""                # synced weights go here, readable by the server (default: out_dir/vllm_weights)
 vllm_logprobs = False             # diagnostic: log the mean |trainer - vLLM| log-prob of the sampled tokens
 # logging and checkpoints
 log_samples_every = 20            # write a few completions to samples.jsonl every N steps
@@ -171,12 +171,9 @@ def parse_config(argv):
 # ----------------------------------------------------------------------------------------------------------
 # data: manifest, mixture, sampling schedule
 
-def load_manifest(data_dir):
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
-    with open(path) as f:
-        return json.load(f)
+def load_train_split(data_dir, manifest, domain):
+    from datasets import load_from_disk
+    return load_from_disk(os.path.join(data_dir, manifest["datasets"][domain]["splits"]["train"]["path"]))
 
 
 def training_domains(manifest):
@@ -394,14 +391,10 @@ def skip_model_weights_in_trainer_state(accelerator):
 # ----------------------------------------------------------------------------------------------------------
 # supervised cold start (the tiny model only needs it; real Instruct models already follow the format)
 
-def answer_text(solution):
-    """What is inside <answer>...</answer> (the whole string when there is no tag)."""
-    start, end = solution.find("<answer>"), solution.rfind("</answer>")
-    return solution[start + 8:end].strip() if start >= 0 and end > start else solution.strip()
-
-
 def reference_completion(solution, meta):
-    return f"<think>\n{meta.get('rationale', '')}\n</think>\n<answer>\n{answer_text(solution)}\n</answer>"
+    answer = rewards.extract_answer(solution)
+    answer = solution if answer is None else answer
+    return f"<think>\n{meta.get('rationale', '')}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
 
 
 def cold_start(config, manifest, datasets, accelerator, log):
@@ -622,12 +615,10 @@ def main(argv):
     log = accelerator.print
 
     # data and schedule
-    manifest = load_manifest(config["data_dir"])
+    manifest = vlm.load_manifest(config["data_dir"])
     domains = training_domains(manifest)
     weights = resolve_mixture(config["mixture"], config["mixture_proposal"], domains)
-    from datasets import load_from_disk
-    datasets = {d: load_from_disk(os.path.join(config["data_dir"], manifest["datasets"][d]["splits"]["train"]["path"]))
-                for d in weights}
+    datasets = {d: load_train_split(config["data_dir"], manifest, d) for d in weights}
     G = config["num_generations"]
     n_completions = config["prompts_per_step"] * G
     if n_completions % world or (n_completions // world) % config["micro_batch_size"]:
@@ -644,8 +635,7 @@ def main(argv):
     # model: the cold-start checkpoint (cached) or init_from
     start_path = None
     if config["cold_start_steps"] > 0:
-        cold_datasets = {d: load_from_disk(os.path.join(config["data_dir"], manifest["datasets"][d]["splits"]["train"]["path"]))
-                         for d in domains}
+        cold_datasets = {d: load_train_split(config["data_dir"], manifest, d) for d in domains}
         start_path = cold_start(config, manifest, cold_datasets, accelerator, log)
     model, tokenizer, image_processor = load_model(config, start_path)
     ref_model = None

@@ -3,18 +3,30 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
 
 - load_policy(name): a Qwen2-VL / Qwen2.5-VL by hub name or local folder, or "tiny": a 0.8M-parameter Qwen2-VL
   built offline from a config with a locally trained byte-level BPE tokenizer (tests and the CPU default).
+- save_policy / write_checksums / checkpoint_problem: save_pretrained folders that plain transformers (and vLLM)
+  loads, and the test that tells a complete one from an interrupted or corrupted one.
+- load_manifest: prepare_data.py's index of the datasets.
 - encode_prompts(...): model inputs built from the image processor and the tokenizer directly. transformers 5
   makes a video processor (which needs torchvision) a required part of Qwen2VLProcessor, so AutoProcessor is not
   usable on a CPU box without torchvision; the few lines it would do are here instead.
-- generate(...): HF generate with n samples per prompt, returning completion token ids.
-- save_policy(...): a save_pretrained folder that plain transformers (and vLLM) loads.
+- generate(...): n sampled (or greedy) completions per prompt, as token ids.
+- VLLMClient and friends: rollouts from a vLLM server over plain HTTP, and the weight syncs to it.
 """
+import base64
+import concurrent.futures
 import hashlib
+import http.client
+import io
 import json
 import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 
 import torch
-from PIL import Image
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -257,6 +269,18 @@ def checkpoint_problem(folder):
     return None
 
 
+def load_manifest(data_dir):
+    """prepare_data.py's index of the datasets (both training and evaluation read only what it lists)."""
+    path = os.path.join(data_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e})")
+
+
 def prompt_text(tokenizer, problem, n_images=1):
     """The chat-formatted prompt with one <|image_pad|> per image, ready for expansion."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": problem}]
@@ -348,17 +372,6 @@ def decode(tokenizer, ids):
 # scripts/serve_vllm_cpu.sh on CPU, `vllm serve` on a GPU: README, "Rollouts from a vLLM server"); this side
 # speaks plain HTTP through the standard library, so the training environment needs no vLLM. Every call has a
 # timeout and bounded retries, so a dead or hung server ends a run with an error instead of a silent hang.
-
-import base64
-import concurrent.futures
-import http.client
-import io
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 
 class VLLMServerError(RuntimeError):
