@@ -444,8 +444,15 @@ def iou(a, b):
     intersection = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     if intersection <= 0.0:  # disjoint, or so thin the product underflows
         return 0.0
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    value = intersection / union  # a huge box overflows the union to inf: IoU 0.0
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    if not (math.isfinite(area_a) and math.isfinite(area_b)):  # a box too huge for a float's area
+        return 0.0
+    union = area_a + area_b - intersection
+    if math.isfinite(union):
+        value = intersection / union
+    else:  # area_a + area_b overflowed: the same ratio in units of the larger area
+        scale = max(area_a, area_b)
+        value = (intersection / scale) / (area_a / scale + area_b / scale - intersection / scale)
     return min(1.0, value) if math.isfinite(value) else 0.0  # min: rounding can exceed 1 by an ulp
 
 
