@@ -75,6 +75,7 @@ micro_batch_size = 12             # completions per forward/backward; gradients 
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
 max_completion_length = 64        # paper: 1024
+ignore_eos = False                # benchmarks: always generate max_completion_length tokens
 epsilon_low = 0.2
 epsilon_high = 0.2
 beta = 0.04                       # k3 KL coefficient; 0 loads no reference model
@@ -486,7 +487,8 @@ def full_weights(accelerator, model):
 def rollout_hf(accelerator, model, tokenizer, prompts, config):
     with full_weights(accelerator, model) as policy:
         return vlm.generate(policy, tokenizer, prompts, n=1, max_new_tokens=config["max_completion_length"],
-                            temperature=config["temperature"])
+                            temperature=config["temperature"],
+                            min_new_tokens=config["max_completion_length"] if config["ignore_eos"] else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------

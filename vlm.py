@@ -313,13 +313,17 @@ def repeat_batch(batch, n):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False):
+def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False, min_new_tokens=0):
     """n completions per prompt with HF generate. Returns a list (len = prompts * n, grouped by prompt) of
-    completion token-id lists, each cut after its first EOS."""
+    completion token-id lists, each cut after its first EOS. EOS cannot be sampled before min_new_tokens
+    (benchmarks set it to max_new_tokens, so every completion has the same length). The image placeholder token
+    is never sampled: one in a completion would break the training forward, which counts placeholders to place
+    the image features."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in repeat_batch(batch, n).items()}
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **sampling,
+                         suppress_tokens=[tokenizer.convert_tokens_to_ids("<|image_pad|>")],
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                          pad_token_id=tokenizer.pad_token_id)
     completions = out[:, inputs["input_ids"].shape[1]:].tolist()

@@ -86,3 +86,43 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     out1 = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=12)
     out2 = vlm.generate(model2, tokenizer2, batch2, greedy=True, max_new_tokens=12)
     assert out1 == out2
+
+
+def favour_token(model, token_id, boost=1e4):
+    """Make token_id the most likely next token everywhere (a forward hook on the LM head); returns the handle."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., token_id] += boost
+        return logits
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_image_placeholder_is_never_generated(tiny):
+    # A sampled <|image_pad|> would make the training forward fail: it counts placeholders to place image features.
+    model, tokenizer, image_processor = tiny
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a"], [Image.new("RGB", (56, 56))])
+    handle = favour_token(model, image_pad)
+    try:
+        torch.manual_seed(0)
+        outs = vlm.generate(model, tokenizer, batch, n=2, max_new_tokens=6) + \
+            vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert len(outs) == 3 and all(len(o) == 6 and image_pad not in o for o in outs)
+
+
+def test_min_new_tokens_holds_back_eos(tiny):
+    model, tokenizer, image_processor = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b"], [Image.new("RGB", (56, 56)), None])
+    handle = favour_token(model, eos)
+    try:
+        eager = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8)
+        held = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8, min_new_tokens=3)
+        full = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8, min_new_tokens=8)
+    finally:
+        handle.remove()
+    assert eager == [[eos], [eos]]
+    assert [len(o) for o in held] == [4, 4] and all(o[-1] == eos and eos not in o[:-1] for o in held)
+    assert [len(o) for o in full] == [8, 8] and all(eos not in o for o in full)
