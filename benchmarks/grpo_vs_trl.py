@@ -357,14 +357,13 @@ def split_table(splits):
              ("t_ref_old", "micro-batch inputs, reference (and old) log-probs"),
              ("t_forward_backward", "policy forward + backward"), ("t_optimizer", "optimizer"),
              ("t_reward", "rewards and advantages")]
+    for s in splits:
+        s["other"] = s["t_step"] - sum(s[key] for key, _ in names)
     step = statistics.median(s["t_step"] for s in splits)
     lines = ["| part of our step | ms | share |", "|---|---|---|"]
-    for key, label in names:
-        ms = statistics.median(s[key] for s in splits) * 1000
-        lines.append(f"| {label} | {ms:.0f} | {ms / 10 / step:.0f}% |")
-    rest = step * 1000 - sum(statistics.median(s[k] for s in splits) * 1000 for k, _ in names)
-    lines.append(f"| other (data loading, metrics) | {rest:.0f} | {rest / 10 / step:.0f}% |")
-    lines.append(f"| whole step | {step * 1000:.0f} | 100% |")
+    for key, label in names + [("other", "other (data loading, metrics)"), ("t_step", "whole step")]:
+        seconds = statistics.median(s[key] for s in splits)
+        lines.append(f"| {label} | {seconds * 1000:.0f} | {seconds / step:.0%} |")
     return "\n".join(lines)
 
 
