@@ -11,6 +11,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
 """
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -314,20 +315,60 @@ def repeat_batch(batch, n):
 
 @torch.no_grad()
 def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False, min_new_tokens=0):
-    """n completions per prompt with HF generate. Returns a list (len = prompts * n, grouped by prompt) of
-    completion token-id lists, each cut after its first EOS. EOS cannot be sampled before min_new_tokens
-    (benchmarks set it to max_new_tokens, so every completion has the same length). The image placeholder token
-    is never sampled: one in a completion would break the training forward, which counts placeholders to place
-    the image features."""
+    """n completions per prompt. Returns a list (len = prompts * n, grouped by prompt) of completion token-id
+    lists, each cut after its first EOS. EOS cannot be sampled before min_new_tokens (benchmarks set it to
+    max_new_tokens, so every completion has the same length).
+
+    A plain sampling loop over the KV cache that does what HF generate does for plain sampling (softmax of
+    logits / temperature, no top-k / top-p, one multinomial draw per row and step), without generate's
+    per-token bookkeeping, which costs more than a small model's forward. Given the same RNG state its tokens
+    are HF generate's; greedy equals HF's greedy (tests check both). The image placeholder token is never
+    sampled: one in a completion would break the training forward, which counts placeholders to place the
+    image features (HF generate would need suppress_tokens for the same).
+    """
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in repeat_batch(batch, n).items()}
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **sampling,
-                         suppress_tokens=[tokenizer.convert_tokens_to_ids("<|image_pad|>")],
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tokenizer.pad_token_id)
-    completions = out[:, inputs["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    never = torch.tensor([tokenizer.convert_tokens_to_ids("<|image_pad|>")], device=device)
+    attention_mask = inputs["attention_mask"]
+    position_ids = _prompt_position_ids(model, inputs)
+    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    rows = attention_mask.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        scores = out.logits[:, -1, :].float()
+        scores[:, never] = -math.inf
+        if step < min_new_tokens:
+            scores[:, eos] = -math.inf
+        if greedy:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1).squeeze(1)
+        token = token.masked_fill(finished, tokenizer.pad_token_id)  # finished rows only pad
+        new_tokens.append(token)
+        finished |= token == eos
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        position_ids = position_ids[..., -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    completions = torch.stack(new_tokens, dim=1).tolist()
     return [trim_after_eos(ids, tokenizer) for ids in completions]
+
+
+def _prompt_position_ids(model, inputs):
+    """(4, rows, prompt length) positions, as HF generate builds them for Qwen2-VL: the plain text position
+    (padding at 0) stacked on the three M-RoPE rows (time, height, width) that get_rope_index gives image tokens."""
+    attention_mask = inputs["attention_mask"]
+    text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if "image_grid_thw" in inputs:
+        mrope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask)
+    else:
+        mrope = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), mrope], dim=0)
 
 
 def trim_after_eos(ids, tokenizer):

@@ -126,3 +126,39 @@ def test_min_new_tokens_holds_back_eos(tiny):
     assert eager == [[eos], [eos]]
     assert [len(o) for o in held] == [4, 4] and all(o[-1] == eos and eos not in o[:-1] for o in held)
     assert [len(o) for o in full] == [8, 8] and all(eos not in o for o in full)
+
+
+def hf_generate(model, tokenizer, batch, n, max_new_tokens, greedy):
+    """transformers' own generate, configured as vlm.generate samples: the reference it must reproduce."""
+    inputs = vlm.repeat_batch(batch, n)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
+                         suppress_tokens=[tokenizer.convert_tokens_to_ids("<|image_pad|>")],
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    return [vlm.trim_after_eos(ids, tokenizer) for ids in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(tiny):
+    """Prompts of different lengths (so left padding), two image sizes and no image: every M-RoPE case."""
+    _, tokenizer, image_processor = tiny
+    images = [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84), "red"), None]
+    return vlm.encode_prompts(tokenizer, image_processor, ["How many circles?", "a", "Which is left of the other?"],
+                              images)
+
+
+def test_greedy_equals_hf_generate(tiny, mixed_batch):
+    model, tokenizer, _ = tiny
+    ours = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=20)
+    assert ours == hf_generate(model, tokenizer, mixed_batch, 1, 20, greedy=True)
+    assert [len(o) for o in ours] == [20, 20, 20]  # the random model never says EOS: every step compared
+
+
+def test_samples_equal_hf_generate_given_the_seed(tiny, mixed_batch):
+    # Same softmax, same multinomial draws in the same order: the same tokens, not just the same distribution.
+    model, tokenizer, _ = tiny
+    torch.manual_seed(7)
+    ours = vlm.generate(model, tokenizer, mixed_batch, n=3, max_new_tokens=16)
+    torch.manual_seed(7)
+    assert ours == hf_generate(model, tokenizer, mixed_batch, 3, 16, greedy=False)
+    assert len({tuple(o) for o in ours}) == 9  # and they are real samples
