@@ -484,10 +484,22 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def rollout_hf(accelerator, model, tokenizer, prompts, config):
+def distinct_prompts(tokenizer, image_processor, records, slots, max_prompt_length=None):
+    """Model inputs of each distinct prompt among the slots (in order), and the row of each slot's prompt in them.
+    Slots are grouped by prompt, so a prompt's G completions share one encoding of it (and of its image)."""
+    order = list(dict.fromkeys(p for p, _ in slots))
+    batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
+                               [records[p][1] for p in order], max_prompt_length)
+    return batch, torch.tensor([order.index(p) for p, _ in slots])
+
+
+def rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config):
+    """One completion per slot; generation encodes each distinct prompt once for all its completions."""
+    prompts, prompt_of_slot = distinct_prompts(tokenizer, image_processor, records, slots,
+                                               config["max_prompt_length"])
     with full_weights(accelerator, model) as policy:
-        return vlm.generate(policy, tokenizer, prompts, n=1, max_new_tokens=config["max_completion_length"],
-                            temperature=config["temperature"],
+        return vlm.generate(policy, tokenizer, prompts, n=prompt_of_slot.bincount().tolist(),
+                            max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
                             min_new_tokens=config["max_completion_length"] if config["ignore_eos"] else 0)
 
 
@@ -647,9 +659,7 @@ def main(argv):
         t0 = time.perf_counter()
         error = None
         try:
-            prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in mine], [r[1] for r in mine],
-                                         config["max_prompt_length"])
-            completions = rollout_hf(accelerator, model, tokenizer, prompts, config)
+            completions = rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config)
         except Exception as e:  # reported on every process, so none waits in a collective for this one
             error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
         stop_if_any_failed(accelerator, error)

@@ -315,25 +315,31 @@ def repeat_batch(batch, n):
 
 @torch.no_grad()
 def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False, min_new_tokens=0):
-    """n completions per prompt. Returns a list (len = prompts * n, grouped by prompt) of completion token-id
-    lists, each cut after its first EOS. EOS cannot be sampled before min_new_tokens (benchmarks set it to
-    max_new_tokens, so every completion has the same length).
+    """n completions per prompt (n: an int, or one count per prompt). Returns a list (len = total samples,
+    grouped by prompt) of completion token-id lists, each cut after its first EOS. EOS cannot be sampled before
+    min_new_tokens (benchmarks set it to max_new_tokens, so every completion has the same length).
 
     A plain sampling loop over the KV cache that does what HF generate does for plain sampling (softmax of
     logits / temperature, no top-k / top-p, one multinomial draw per row and step), without generate's
-    per-token bookkeeping, which costs more than a small model's forward. Given the same RNG state its tokens
-    are HF generate's; greedy equals HF's greedy (tests check both). The image placeholder token is never
-    sampled: one in a completion would break the training forward, which counts placeholders to place the
-    image features (HF generate would need suppress_tokens for the same).
+    per-token bookkeeping, which costs more than a small model's forward. Each prompt (and its image) is
+    encoded once, and its KV cache copied to its n samples. Given the same RNG state its tokens are HF
+    generate's; greedy equals HF's greedy (tests check both). The image placeholder token is never sampled:
+    one in a completion would break the training forward, which counts placeholders to place the image
+    features (HF generate would need suppress_tokens for the same).
     """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in repeat_batch(batch, n).items()}
+    inputs = {k: v.to(device) for k, v in batch.items()}
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     never = torch.tensor([tokenizer.convert_tokens_to_ids("<|image_pad|>")], device=device)
-    attention_mask = inputs["attention_mask"]
-    position_ids = _prompt_position_ids(model, inputs)
+    position_ids = prompt_position_ids(model, inputs)
     out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    rows = attention_mask.shape[0]
+    # each prompt's state, once per sample
+    prompt_of_row = torch.arange(len(inputs["input_ids"]), device=device).repeat_interleave(
+        torch.as_tensor(n, device=device))
+    out.past_key_values.reorder_cache(prompt_of_row)
+    out.logits = out.logits[prompt_of_row]
+    attention_mask, position_ids = inputs["attention_mask"][prompt_of_row], position_ids[:, prompt_of_row]
+    rows = len(prompt_of_row)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -358,7 +364,7 @@ def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, g
     return [trim_after_eos(ids, tokenizer) for ids in completions]
 
 
-def _prompt_position_ids(model, inputs):
+def prompt_position_ids(model, inputs):
     """(4, rows, prompt length) positions, as HF generate builds them for Qwen2-VL: the plain text position
     (padding at 0) stacked on the three M-RoPE rows (time, height, width) that get_rope_index gives image tokens."""
     attention_mask = inputs["attention_mask"]

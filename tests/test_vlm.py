@@ -134,7 +134,8 @@ def hf_generate(model, tokenizer, batch, n, max_new_tokens, greedy):
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
                          suppress_tokens=[tokenizer.convert_tokens_to_ids("<|image_pad|>")],
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id)
     return [vlm.trim_after_eos(ids, tokenizer) for ids in out[:, inputs["input_ids"].shape[1]:].tolist()]
 
 
@@ -162,3 +163,12 @@ def test_samples_equal_hf_generate_given_the_seed(tiny, mixed_batch):
     torch.manual_seed(7)
     assert ours == hf_generate(model, tokenizer, mixed_batch, 3, 16, greedy=False)
     assert len({tuple(o) for o in ours}) == 9  # and they are real samples
+
+
+def test_samples_per_prompt_may_differ(tiny, mixed_batch):
+    # Each prompt is encoded once and its state copied to its samples: greedy samples of a prompt are its greedy
+    # completion, in prompt order.
+    model, tokenizer, _ = tiny
+    one_each = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=10)
+    outs = vlm.generate(model, tokenizer, mixed_batch, n=[2, 1, 3], greedy=True, max_new_tokens=10)
+    assert outs == [one_each[0]] * 2 + [one_each[1]] + [one_each[2]] * 3
