@@ -299,21 +299,30 @@ def selective_log_softmax(logits, ids):
     return torch.stack(out)
 
 
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature):
-    """Per-token log-probs of the completions given their prompts (left-padded, one row per completion)."""
-    input_ids = torch.cat([prompts["input_ids"], completion_ids], dim=1)
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=torch.cat([prompts["attention_mask"], completion_mask], dim=1),
-        mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completion_ids,
-                                                                                    dtype=torch.int32)], dim=1),
-    )
-    if "pixel_values" in prompts:
-        inputs["pixel_values"] = prompts["pixel_values"]
-        inputs["image_grid_thw"] = prompts["image_grid_thw"]
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature, prompt_of_row=None):
+    """Per-token log-probs of the completions given their prompts. prompts: left-padded, one row per distinct
+    prompt; prompt_of_row[i]: the prompt row of completion i (default: row i).
+
+    Each prompt (and its image) goes through the model once; its KV cache is copied to its completions, which
+    then run on top of it. The G completions of a prompt share its positions and attention states, so this is
+    the same computation as running prompt + completion G times, and the gradient through the copies is the
+    sum the G runs would give, at a fraction of the tokens (a prompt is longer than a completion here).
+    """
+    from accelerate.utils import extract_model_from_parallel
+    if prompt_of_row is None:
+        prompt_of_row = torch.arange(len(completion_ids), device=completion_ids.device)
+    positions = vlm.prompt_position_ids(extract_model_from_parallel(model), prompts)  # DDP hides .model
+    out = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits = out.logits[prompt_of_row]  # the last prompt position predicts the first completion token
     n = completion_ids.shape[1]
-    # logits_to_keep=n+1: the last prompt position predicts the first completion token.
-    logits = model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+    if n > 1:  # the other completion tokens, on top of the prompt's cache; the last one predicts nothing needed
+        cache = out.past_key_values
+        cache.reorder_cache(prompt_of_row)
+        attention_mask = torch.cat([prompts["attention_mask"][prompt_of_row], completion_mask[:, :-1]], dim=1)
+        steps = torch.arange(1, n, device=positions.device)
+        out = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, past_key_values=cache,
+                    position_ids=positions[:, prompt_of_row, -1:] + steps, use_cache=True)
+        logits = torch.cat([logits, out.logits], dim=1)
     return selective_log_softmax(logits / temperature, completion_ids)
 
 
@@ -682,28 +691,30 @@ def main(argv):
         t_ref_old = t_fwd_bwd = t_opt = 0.0
         size = config["micro_batch_size"]
         micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
-        cached = {}  # micro-batch index -> (prompts, ids, mask, ref_logp, old_logp)
+        cached = {}  # micro-batch index -> (prompts, prompt_of_row, ids, mask, ref_logp, old_logp)
         losses, kls, clips, grad_norms = [], [], [], []
         for iteration in range(config["num_iterations"]):
             for k, mb in enumerate(micro_batches):
                 if k not in cached:
                     t0 = time.perf_counter()
-                    mb_prompts = vlm.encode_prompts(tokenizer, image_processor, [mine[i][0] for i in mb],
-                                                    [mine[i][1] for i in mb])
+                    mb_prompts, prompt_of_row = distinct_prompts(tokenizer, image_processor, records,
+                                                                 [slots[i] for i in mb])
                     mb_prompts = {n: v.to(accelerator.device) for n, v in mb_prompts.items()}
+                    prompt_of_row = prompt_of_row.to(accelerator.device)
                     c_ids, c_mask = pad_completions([completions[i] for i in mb], pad_id, accelerator.device)
                     with torch.no_grad(), accelerator.autocast():
-                        ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"]) \
-                            if ref_model is not None else None
-                        old_logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"]) \
-                            if config["num_iterations"] > 1 else None
-                    cached[k] = (mb_prompts, c_ids, c_mask, ref_logp, old_logp)
+                        ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                                       prompt_of_row) if ref_model is not None else None
+                        old_logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                                       prompt_of_row) if config["num_iterations"] > 1 else None
+                    cached[k] = (mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp)
                     t_ref_old += time.perf_counter() - t0
-                mb_prompts, c_ids, c_mask, ref_logp, old_logp = cached[k]
+                mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp = cached[k]
                 t0 = time.perf_counter()
                 last = k == len(micro_batches) - 1
                 with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-                    logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"])
+                    logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                               prompt_of_row)
                     loss, stats = grpo_loss(
                         logp, old_logp if old_logp is not None else logp.detach(),
                         ref_logp if ref_logp is not None else logp.detach(),
