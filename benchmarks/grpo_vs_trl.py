@@ -54,7 +54,8 @@ def parse_args():
     p.add_argument("--init_from", default="tiny",
                    help='"tiny" (saved once to OUT/model) or a save_pretrained folder, e.g. out/cold_start')
     p.add_argument("--data_dir", default=os.path.join(ROOT, "data"), help="prepare_data.py output (default data/)")
-    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench"), help="work folder and report (default out/bench)")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench"),
+                   help="work folder and report (default out/bench)")
     p.add_argument("--rev", action="append", default=[],
                    help="also run train_grpo.py as of this git revision (repeatable; it must know ignore_eos)")
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the G / length scaling runs")
@@ -206,8 +207,9 @@ def run_trl(python, settings, folder, data_dir, warmup, steps, work):
     if len(ends) != warmup + steps or len(lengths) != warmup + steps:
         raise SystemExit(f"error: TRL ran {len(ends)} steps and scored {len(lengths)} batches, expected "
                          f"{warmup + steps}; see {work}/log.txt")
-    return {"step_s": [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])], "tokens": [sum(x) for x in lengths[warmup:]],
-            "samples": [len(x) for x in lengths[warmup:]], "peak_mib": peak}
+    return {"step_s": [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])],
+            "tokens": [sum(x) for x in lengths[warmup:]], "samples": [len(x) for x in lengths[warmup:]],
+            "peak_mib": peak}
 
 
 def trl_worker(spec_path):
@@ -342,13 +344,18 @@ def median_of(runs, key):
 
 
 def comparison_table(results):
-    trl = {k: median_of(results["TRL"], k) for k in ("samples_per_s", "tokens_per_s", "peak_mib")}
-    lines = ["| side | samples/s | tokens/s | peak RSS (MiB) | samples/s vs TRL | peak RSS vs TRL |",
-             "|---|---|---|---|---|---|"]
+    """Medians over repetitions; a ratio is the median of each repetition's ratio to TRL's run of the same
+    repetition (run minutes apart, so load from elsewhere on the machine cancels better than in a ratio of medians)."""
+    trl = results["TRL"]
+    lines = ["| side | samples/s | tokens/s | peak RSS (MiB) | samples/s vs TRL | peak RSS vs TRL | samples/s range |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        m = {k: median_of(runs, k) for k in trl}
+        m = {k: median_of(runs, k) for k in ("samples_per_s", "tokens_per_s", "peak_mib")}
+        speed = statistics.median(r["samples_per_s"] / t["samples_per_s"] for r, t in zip(runs, trl))
+        memory = statistics.median(r["peak_mib"] / t["peak_mib"] for r, t in zip(runs, trl))
+        low, high = min(r["samples_per_s"] for r in runs), max(r["samples_per_s"] for r in runs)
         lines.append(f"| {name} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['peak_mib']:.0f} | "
-                     f"{m['samples_per_s'] / trl['samples_per_s']:.2f}x | {m['peak_mib'] / trl['peak_mib']:.2f}x |")
+                     f"{speed:.2f}x | {memory:.2f}x | {low:.1f}-{high:.1f} |")
     return "\n".join(lines)
 
 
