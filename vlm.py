@@ -6,7 +6,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
 - encode_prompts(...): model inputs built from the image processor and the tokenizer directly. transformers 5
   makes a video processor (which needs torchvision) a required part of Qwen2VLProcessor, so AutoProcessor is not
   usable on a CPU box without torchvision; the few lines it would do are here instead.
-- generate(...): HF generate with n samples per prompt, returning completion token ids.
+- generate(...): n samples per prompt (HF generate's sampling, as a plain loop over the KV cache), completion ids.
 - save_policy(...): a save_pretrained folder that plain transformers (and vLLM) loads.
 """
 import hashlib
