@@ -12,8 +12,9 @@ per step, AdamW with the same learning rate and schedule, fp32, no gradient chec
 The GRPO settings are train_grpo.py's defaults; trl_config() says how each maps onto TRL's, and why.
 Each repetition runs each side in a fresh process (the order alternates): warm-up steps, then timed steps. Printed:
 the median over repetitions of samples/s and tokens/s over the timed steps, and of each process's peak RSS
-(which includes the Python libraries each side imports); then our step's time split, and how our step time grows
-with G and with the completion length.
+(which includes the Python libraries each side imports), ratios to TRL as the median of each repetition's ratio;
+then our step's time split, and how our step time grows with G and with the completion length. Other work on the
+machine moves the figures (token-by-token decoding suffers most): compare runs of one invocation only.
 
 TRL runs in its own venv, .venv-trl, built on first use from benchmarks/requirements-trl.txt (~2 min) and reused
 while that file is unchanged. Remaining differences, inherent to TRL: its training forward also computes each
