@@ -59,14 +59,17 @@ def parse_args():
                    help="work folder and report (default out/bench)")
     p.add_argument("--rev", action="append", default=[],
                    help="also run train_grpo.py as of this git revision (repeatable; it must know ignore_eos)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS for both sides (default: torch's choice, one per core); 1 keeps other jobs "
+                        "on a small shared machine from stalling every parallel op")
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the G / length scaling runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run TRL's side from this spec file
     args = p.parse_args()
     if args.beta <= 0:
         p.error("--beta must be > 0: the benchmark includes the reference model")
     # a step is timed from the end of the one before, so at least one warm-up step
-    if min(args.reps, args.steps, args.prompts, args.length, args.warmup) < 1 or args.G < 2:
-        p.error("--reps, --steps, --warmup, --prompts, --length must be >= 1 and --G >= 2")
+    if min(args.reps, args.steps, args.prompts, args.length, args.warmup) < 1 or args.G < 2 or args.threads < 0:
+        p.error("--reps, --steps, --warmup, --prompts, --length must be >= 1, --G >= 2, --threads >= 0")
     return args
 
 
@@ -402,6 +405,8 @@ def main():
         return trl_worker(args.worker)
     if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
         raise SystemExit(f"error: {args.data_dir}/manifest.json not found: run `python prepare_data.py` first")
+    if args.threads:
+        CHILD_ENV["OMP_NUM_THREADS"] = str(args.threads)
     args.out = os.path.abspath(args.out)
     args.data_dir = os.path.abspath(args.data_dir)
     os.makedirs(args.out, exist_ok=True)
@@ -414,7 +419,8 @@ def main():
               f"\n{args.prompts} prompts x G={args.G} = {n} completions of {args.length} tokens per step, beta "
               f"{args.beta}, mu 1, weights {folder}; median of {args.reps} repetitions (fresh process per side, "
               f"{args.warmup} warm-up + {args.steps} timed steps); {os.cpu_count()} CPU cores, torch threads: "
-              f"default.\n", comparison_table(results), "\nOur step, median time split:\n", split_table(splits)]
+              f"{args.threads or 'default'}.\n", comparison_table(results),
+              "\nOur step, median time split:\n", split_table(splits)]
     print("\n".join(report), flush=True)
     if args.scaling:
         scaling = scaling_table(args, settings, folder)
