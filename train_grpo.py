@@ -75,6 +75,7 @@ micro_batch_size = 12             # completions per forward/backward; gradients 
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
 max_completion_length = 64        # paper: 1024
+ignore_eos = False                # benchmarks: always generate max_completion_length tokens
 epsilon_low = 0.2
 epsilon_high = 0.2
 beta = 0.04                       # k3 KL coefficient; 0 loads no reference model
@@ -307,21 +308,30 @@ def selective_log_softmax(logits, ids):
     return torch.stack(out)
 
 
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature):
-    """Per-token log-probs of the completions given their prompts (left-padded, one row per completion)."""
-    input_ids = torch.cat([prompts["input_ids"], completion_ids], dim=1)
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=torch.cat([prompts["attention_mask"], completion_mask], dim=1),
-        mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completion_ids,
-                                                                                    dtype=torch.int32)], dim=1),
-    )
-    if "pixel_values" in prompts:
-        inputs["pixel_values"] = prompts["pixel_values"]
-        inputs["image_grid_thw"] = prompts["image_grid_thw"]
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature, prompt_of_row=None):
+    """Per-token log-probs of the completions given their prompts. prompts: left-padded, one row per distinct
+    prompt; prompt_of_row[i]: the prompt row of completion i (default: row i).
+
+    Each prompt (and its image) goes through the model once; its KV cache is copied to its completions, which
+    then run on top of it. The G completions of a prompt share its positions and attention states, so this is
+    the same computation as running prompt + completion G times, and the gradient through the copies is the
+    sum the G runs would give, at a fraction of the tokens (a prompt is longer than a completion here).
+    """
+    from accelerate.utils import extract_model_from_parallel
+    if prompt_of_row is None:
+        prompt_of_row = torch.arange(len(completion_ids), device=completion_ids.device)
+    positions = vlm.prompt_position_ids(extract_model_from_parallel(model), prompts)  # DDP hides .model
+    out = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits = out.logits[prompt_of_row]  # the last prompt position predicts the first completion token
     n = completion_ids.shape[1]
-    # logits_to_keep=n+1: the last prompt position predicts the first completion token.
-    logits = model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+    if n > 1:  # the other completion tokens, on top of the prompt's cache; the last one predicts nothing needed
+        cache = out.past_key_values
+        cache.reorder_cache(prompt_of_row)
+        attention_mask = torch.cat([prompts["attention_mask"][prompt_of_row], completion_mask[:, :-1]], dim=1)
+        steps = torch.arange(1, n, device=positions.device)
+        out = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, past_key_values=cache,
+                    position_ids=positions[:, prompt_of_row, -1:] + steps, use_cache=True)
+        logits = torch.cat([logits, out.logits], dim=1)
     return selective_log_softmax(logits / temperature, completion_ids)
 
 
@@ -489,10 +499,23 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def rollout_hf(accelerator, model, tokenizer, prompts, config):
+def distinct_prompts(tokenizer, image_processor, records, slots, max_prompt_length=None):
+    """Model inputs of each distinct prompt among the slots (in order), and the row of each slot's prompt in them.
+    Slots are grouped by prompt, so a prompt's G completions share one encoding of it (and of its image)."""
+    order = list(dict.fromkeys(p for p, _ in slots))
+    batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
+                               [records[p][1] for p in order], max_prompt_length)
+    return batch, torch.tensor([order.index(p) for p, _ in slots])
+
+
+def rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config):
+    """One completion per slot; generation encodes each distinct prompt once for all its completions."""
+    prompts, prompt_of_slot = distinct_prompts(tokenizer, image_processor, records, slots,
+                                               config["max_prompt_length"])
     with full_weights(accelerator, model) as policy:
-        return vlm.generate(policy, tokenizer, prompts, n=1, max_new_tokens=config["max_completion_length"],
-                            temperature=config["temperature"])
+        return vlm.generate(policy, tokenizer, prompts, n=prompt_of_slot.bincount().tolist(),
+                            max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
+                            min_new_tokens=config["max_completion_length"] if config["ignore_eos"] else 0)
 
 
 def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots, config):
@@ -511,7 +534,7 @@ def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots
             out = client.generate(problems, images, n=config["num_generations"],
                                   max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
                                   prompt_ids=unpadded, suppress_token_ids=vlm.vision_token_ids(tokenizer),
-                                  logprobs=config["vllm_logprobs"])
+                                  ignore_eos=config["ignore_eos"], logprobs=config["vllm_logprobs"])
             result[:2] = out if config["vllm_logprobs"] else (out, None)
         except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
             result[2] = f"{type(e).__name__}: {e}"
@@ -718,9 +741,7 @@ def main(argv):
         else:
             error = None
             try:
-                prompts = vlm.encode_prompts(tokenizer, image_processor, [r[0] for r in mine],
-                                             [r[1] for r in mine], config["max_prompt_length"])
-                completions = rollout_hf(accelerator, model, tokenizer, prompts, config)
+                completions = rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config)
             except Exception as e:  # reported on every process, so none waits in a collective for this one
                 error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
             stop_if_any_failed(accelerator, error)
@@ -743,28 +764,30 @@ def main(argv):
         t_ref_old = t_fwd_bwd = t_opt = 0.0
         size = config["micro_batch_size"]
         micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
-        cached = {}  # micro-batch index -> (prompts, ids, mask, ref_logp, old_logp)
+        cached = {}  # micro-batch index -> (prompts, prompt_of_row, ids, mask, ref_logp, old_logp)
         losses, kls, clips, grad_norms, server_diffs = [], [], [], [], []
         for iteration in range(config["num_iterations"]):
             for k, mb in enumerate(micro_batches):
                 if k not in cached:
                     t0 = time.perf_counter()
-                    mb_prompts = vlm.encode_prompts(tokenizer, image_processor, [mine[i][0] for i in mb],
-                                                    [mine[i][1] for i in mb])
+                    mb_prompts, prompt_of_row = distinct_prompts(tokenizer, image_processor, records,
+                                                                 [slots[i] for i in mb])
                     mb_prompts = {n: v.to(accelerator.device) for n, v in mb_prompts.items()}
+                    prompt_of_row = prompt_of_row.to(accelerator.device)
                     c_ids, c_mask = pad_completions([completions[i] for i in mb], pad_id, accelerator.device)
                     with torch.no_grad(), accelerator.autocast():
-                        ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"]) \
-                            if ref_model is not None else None
-                        old_logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"]) \
-                            if config["num_iterations"] > 1 else None
-                    cached[k] = (mb_prompts, c_ids, c_mask, ref_logp, old_logp)
+                        ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                                       prompt_of_row) if ref_model is not None else None
+                        old_logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                                       prompt_of_row) if config["num_iterations"] > 1 else None
+                    cached[k] = (mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp)
                     t_ref_old += time.perf_counter() - t0
-                mb_prompts, c_ids, c_mask, ref_logp, old_logp = cached[k]
+                mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp = cached[k]
                 t0 = time.perf_counter()
                 last = k == len(micro_batches) - 1
                 with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-                    logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"])
+                    logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
+                                               prompt_of_row)
                     loss, stats = grpo_loss(
                         logp, old_logp if old_logp is not None else logp.detach(),
                         ref_logp if ref_logp is not None else logp.detach(),

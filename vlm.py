@@ -9,7 +9,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
 - encode_prompts(...): model inputs built from the image processor and the tokenizer directly. transformers 5
   makes a video processor (which needs torchvision) a required part of Qwen2VLProcessor, so AutoProcessor is not
   usable on a CPU box without torchvision; the few lines it would do are here instead.
-- generate(...): n sampled (or greedy) completions per prompt, as token ids.
+- generate(...): n samples per prompt (HF generate's sampling, as a plain loop over the KV cache), completion ids.
 - VLLMClient and friends: rollouts from a vLLM server over plain HTTP, and the weight syncs to it.
 """
 import base64
@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -338,23 +339,72 @@ def repeat_batch(batch, n):
 
 def vision_token_ids(tokenizer):
     """Tokens a completion must never contain: an <|image_pad|> in a completion makes Qwen2-VL's forward count
-    one image position too many when the trainer scores it. Suppressed at sampling, masked when scoring."""
+    one image position too many when the trainer scores it. Both rollout engines suppress them."""
     return tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                                             "<|image_pad|>", "<|video_pad|>"])
 
 
 @torch.no_grad()
-def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False):
-    """n completions per prompt with HF generate. Returns a list (len = prompts * n, grouped by prompt) of
-    completion token-id lists, each cut after its first EOS."""
+def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, greedy=False, min_new_tokens=0):
+    """n completions per prompt (n: an int, or one count per prompt). Returns a list (len = total samples,
+    grouped by prompt) of completion token-id lists, each cut after its first EOS. EOS cannot be sampled before
+    min_new_tokens (benchmarks set it to max_new_tokens, so every completion has the same length).
+
+    A plain sampling loop over the KV cache that does what HF generate does for plain sampling (softmax of
+    logits / temperature, no top-k / top-p, one multinomial draw per row and step), without generate's
+    per-token bookkeeping, which costs more than a small model's forward. Each prompt (and its image) is
+    encoded once, and its KV cache copied to its n samples. Given the same RNG state its tokens are HF
+    generate's; greedy equals HF's greedy (tests check both). Vision tokens are never sampled
+    (vision_token_ids), as the vLLM client suppresses them too.
+    """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in repeat_batch(batch, n).items()}
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_token_ids(tokenizer))
-    completions = out[:, inputs["input_ids"].shape[1]:].tolist()
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    never = torch.tensor(vision_token_ids(tokenizer), device=device)
+    position_ids = prompt_position_ids(model, inputs)
+    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    # each prompt's state, once per sample
+    prompt_of_row = torch.arange(len(inputs["input_ids"]), device=device).repeat_interleave(
+        torch.as_tensor(n, device=device))
+    out.past_key_values.reorder_cache(prompt_of_row)
+    out.logits = out.logits[prompt_of_row]
+    attention_mask, position_ids = inputs["attention_mask"][prompt_of_row], position_ids[:, prompt_of_row]
+    rows = len(prompt_of_row)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        scores = out.logits[:, -1, :].float()
+        scores[:, never] = -math.inf
+        if step < min_new_tokens:
+            scores[:, eos] = -math.inf
+        if greedy:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1).squeeze(1)
+        token = token.masked_fill(finished, tokenizer.pad_token_id)  # finished rows only pad
+        new_tokens.append(token)
+        finished |= token == eos
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        position_ids = position_ids[..., -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    completions = torch.stack(new_tokens, dim=1).tolist()
     return [trim_after_eos(ids, tokenizer) for ids in completions]
+
+
+def prompt_position_ids(model, inputs):
+    """(4, rows, prompt length) positions, as HF generate builds them for Qwen2-VL: the plain text position
+    (padding at 0) stacked on the three M-RoPE rows (time, height, width) that get_rope_index gives image tokens."""
+    attention_mask = inputs["attention_mask"]
+    text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if "image_grid_thw" in inputs:
+        mrope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask)
+    else:
+        mrope = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), mrope], dim=0)
 
 
 def trim_after_eos(ids, tokenizer):

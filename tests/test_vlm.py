@@ -86,3 +86,89 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     out1 = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=12)
     out2 = vlm.generate(model2, tokenizer2, batch2, greedy=True, max_new_tokens=12)
     assert out1 == out2
+
+
+def favour_token(model, token_id, boost=1e4):
+    """Make token_id the most likely next token everywhere (a forward hook on the LM head); returns the handle."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., token_id] += boost
+        return logits
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_image_placeholder_is_never_generated(tiny):
+    # A sampled <|image_pad|> would make the training forward fail: it counts placeholders to place image features.
+    model, tokenizer, image_processor = tiny
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a"], [Image.new("RGB", (56, 56))])
+    handle = favour_token(model, image_pad)
+    try:
+        torch.manual_seed(0)
+        outs = vlm.generate(model, tokenizer, batch, n=2, max_new_tokens=6) + \
+            vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert len(outs) == 3 and all(len(o) == 6 and image_pad not in o for o in outs)
+
+
+def test_min_new_tokens_holds_back_eos(tiny):
+    model, tokenizer, image_processor = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b"], [Image.new("RGB", (56, 56)), None])
+    handle = favour_token(model, eos)
+    try:
+        eager = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8)
+        held = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8, min_new_tokens=3)
+        full = vlm.generate(model, tokenizer, batch, greedy=True, max_new_tokens=8, min_new_tokens=8)
+    finally:
+        handle.remove()
+    assert eager == [[eos], [eos]]
+    assert [len(o) for o in held] == [4, 4] and all(o[-1] == eos and eos not in o[:-1] for o in held)
+    assert [len(o) for o in full] == [8, 8] and all(eos not in o for o in full)
+
+
+def hf_generate(model, tokenizer, batch, n, max_new_tokens, greedy):
+    """transformers' own generate, configured as vlm.generate samples: the reference it must reproduce."""
+    inputs = vlm.repeat_batch(batch, n)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling,
+                         suppress_tokens=vlm.vision_token_ids(tokenizer),
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id)
+    return [vlm.trim_after_eos(ids, tokenizer) for ids in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(tiny):
+    """Prompts of different lengths (so left padding), two image sizes and no image: every M-RoPE case."""
+    _, tokenizer, image_processor = tiny
+    images = [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84), "red"), None]
+    return vlm.encode_prompts(tokenizer, image_processor, ["How many circles?", "a", "Which is left of the other?"],
+                              images)
+
+
+def test_greedy_equals_hf_generate(tiny, mixed_batch):
+    model, tokenizer, _ = tiny
+    ours = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=20)
+    assert ours == hf_generate(model, tokenizer, mixed_batch, 1, 20, greedy=True)
+    assert [len(o) for o in ours] == [20, 20, 20]  # the random model never says EOS: every step compared
+
+
+def test_samples_equal_hf_generate_given_the_seed(tiny, mixed_batch):
+    # Same softmax, same multinomial draws in the same order: the same tokens, not just the same distribution.
+    model, tokenizer, _ = tiny
+    torch.manual_seed(7)
+    ours = vlm.generate(model, tokenizer, mixed_batch, n=3, max_new_tokens=16)
+    torch.manual_seed(7)
+    assert ours == hf_generate(model, tokenizer, mixed_batch, 3, 16, greedy=False)
+    assert len({tuple(o) for o in ours}) == 9  # and they are real samples
+
+
+def test_samples_per_prompt_may_differ(tiny, mixed_batch):
+    # Each prompt is encoded once and its state copied to its samples: greedy samples of a prompt are its greedy
+    # completion, in prompt order.
+    model, tokenizer, _ = tiny
+    one_each = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=10)
+    outs = vlm.generate(model, tokenizer, mixed_batch, n=[2, 1, 3], greedy=True, max_new_tokens=10)
+    assert outs == [one_each[0]] * 2 + [one_each[1]] + [one_each[2]] * 3
