@@ -66,12 +66,12 @@ mixture = "uniform"               # "uniform", '{"syn_count": 2, "syn_ground": 1
                                   # or predict_mixture.py's mixtures.json
 mixture_proposal = ""             # which proposal of a mixtures.json (default: its first)
 sampling = "interleave_under"     # "interleave_under": stop when a domain is exhausted (paper) | "with_replacement"
-max_steps = 200                   # GRPO steps; 0: until a domain is exhausted (interleave_under only)
+max_steps = 150                   # GRPO steps; 0: until a domain is exhausted (interleave_under only)
 # GRPO
-prompts_per_step = 2              # prompts per step over all processes (paper: 2)
+prompts_per_step = 4              # prompts per step over all processes (paper: 2)
 num_generations = 6               # G, completions per prompt (paper: 6); a step's prompts x G completions are
                                   # split evenly over the processes, so a group may span processes (as in TRL)
-micro_batch_size = 12             # completions per forward/backward; gradients accumulate over the rest
+micro_batch_size = 0              # completions per forward/backward (0: all of a process's); gradients accumulate
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
 max_completion_length = 64        # paper: 1024
@@ -85,7 +85,7 @@ num_iterations = 1                # mu: optimizer updates per batch of rollouts
 reward_gate_on_format = True      # a failed format zeroes every reward (paper); False: the official code
 reward_format_mode = "strict"     # "strict" (official regex) | "lenient"
 # optimizer: AdamW, linear warm-up then linear decay
-learning_rate = 2e-5              # paper: 1e-6
+learning_rate = 3e-4              # paper: 1e-6
 weight_decay = 0.0
 warmup_ratio = 0.1
 grad_clip = 1.0
@@ -624,6 +624,38 @@ def truncate_jsonl(path, last_step):
     os.replace(path + ".tmp", path)
 
 
+def plot_metrics(metrics_path, png_path, window=20):
+    """metrics.png: reward (overall and per domain), loss, KL and completion length over the steps, each as a
+    moving average over `window` steps, since one step's mean over a few prompts is noisy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:
+        return
+
+    def smooth(key):
+        steps = [r["step"] for r in rows if key in r]
+        values = np.array([r[key] for r in rows if key in r], dtype=float)
+        kernel = np.ones(min(window, len(values))) / min(window, len(values))
+        return steps[len(kernel) - 1:], np.convolve(values, kernel, mode="valid")
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for key in ["reward"] + sorted({k for r in rows for k in r if k.startswith("reward/")}):
+        axes[0].plot(*smooth(key), label=key, linewidth=2.5 if key == "reward" else 1)
+    axes[0].legend(fontsize=7)
+    for ax, key in zip(axes[1:], ["loss", "kl", "completion_length"]):
+        ax.plot(*smooth(key))
+        ax.set_title(key)
+    axes[0].set_title(f"reward (total, per domain), {window}-step moving average")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv):
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -644,7 +676,7 @@ def main(argv):
     datasets = {d: load_train_split(config["data_dir"], manifest, d) for d in weights}
     G = config["num_generations"]
     n_completions = config["prompts_per_step"] * G
-    if n_completions % world or (n_completions // world) % config["micro_batch_size"]:
+    if n_completions % world or (config["micro_batch_size"] and (n_completions // world) % config["micro_batch_size"]):
         raise SystemExit(f"error: a step's {n_completions} completions (prompts_per_step x num_generations) must "
                          f"split evenly over {world} process(es) into micro-batches of micro_batch_size="
                          f"{config['micro_batch_size']}")
@@ -762,7 +794,7 @@ def main(argv):
         # 3. policy update(s): num_iterations optimizer updates over the same rollouts
         lr = scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         t_ref_old = t_fwd_bwd = t_opt = 0.0
-        size = config["micro_batch_size"]
+        size = config["micro_batch_size"] or len(slots)
         micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
         cached = {}  # micro-batch index -> (prompts, prompt_of_row, ids, mask, ref_logp, old_logp)
         losses, kls, clips, grad_norms, server_diffs = [], [], [], [], []
@@ -854,6 +886,8 @@ def main(argv):
             save_checkpoint(accelerator, model, tokenizer, image_processor, out_dir, step + 1,
                             {"step": step + 1, "mixture_weights": weights, "planned_steps": total_steps,
                              "config": config})
+    if accelerator.is_main_process:
+        plot_metrics(metrics_path, os.path.join(out_dir, "metrics.png"))
     log(f"done: {total_steps} steps, checkpoints in {out_dir}")
 
 
