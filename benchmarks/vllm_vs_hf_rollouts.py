@@ -1,7 +1,8 @@
 """
-Rollout throughput of a vLLM server against HF generate, on the same prompts and images, the same n and the same
-number of generated tokens (EOS is ignored on both sides), and the time of one weight sync (write_weights +
-reload_weights: reload, encoder and prefix cache resets). Prints a markdown table; --out also writes JSON.
+Rollout throughput of a vLLM server against the trainer's HF rollouts (vlm.generate on the HF model), on the same
+prompts and images, the same n and the same number of generated tokens (vLLM ignores EOS, vlm.generate holds it
+back), and the time of one weight sync (write_weights + reload_weights: reload, encoder and prefix cache resets).
+Prints a markdown table; --out also writes JSON.
 
     bash scripts/setup_vllm_cpu.sh
     OMP_WAIT_POLICY=PASSIVE python benchmarks/vllm_vs_hf_rollouts.py            # starts its own CPU server
@@ -34,15 +35,13 @@ parser.add_argument("--n", type=int, default=4, help="completions per prompt, GR
 parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens per completion (default 64)")
 parser.add_argument("--repeats", type=int, default=3, help="timed batches per engine, after one warm-up (default 3)")
 parser.add_argument("--hf_threads", type=int, default=1,
-                    help="torch threads for HF generate (default 1: the CPU server's worker uses one core)")
+                    help="torch threads for the HF rollouts (default 1: the CPU server's worker uses one core)")
 parser.add_argument("--out", default=None, help="also write the results here as JSON")
 args = parser.parse_args()
 
 torch.set_num_threads(args.hf_threads)
 model, tokenizer, image_processor = vlm.load_policy(args.model)
 model.eval()
-# HF stops at EOS unless told not to; min_new_tokens = max_new_tokens makes both engines produce the same count.
-model.generation_config.min_new_tokens = args.max_new_tokens
 
 rng = np.random.default_rng(0)
 sizes = [(56, 56), (84, 112), (112, 112), (140, 70)]
@@ -54,7 +53,7 @@ batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
 expected_tokens = args.prompts * args.n * args.max_new_tokens
 
 
-def timed(generate):
+def timed(engine, generate):
     """Median seconds of `repeats` batches after one warm-up; every batch must yield exactly expected_tokens."""
     seconds = []
     for i in range(args.repeats + 1):
@@ -63,7 +62,7 @@ def timed(generate):
         elapsed = time.perf_counter() - start
         produced = sum(len(ids) for ids in completions)
         if produced != expected_tokens:
-            sys.exit(f"a batch produced {produced} tokens, expected {expected_tokens}: the comparison is off")
+            sys.exit(f"a {engine} batch produced {produced} tokens, expected {expected_tokens}: the comparison is off")
         if i:
             seconds.append(elapsed)
     return statistics.median(seconds)
@@ -84,8 +83,9 @@ try:
     client = vlm.VLLMClient(url, image_processor, timeout=600)
     client.check_health()
     sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0)
-    vllm_s = timed(lambda: client.generate(problems, images, ignore_eos=True, **sampling))
-    hf_s = timed(lambda: vlm.generate(model, tokenizer, batch, **sampling))
+    # Both engines generate exactly max_new_tokens: vLLM ignores EOS, vlm.generate holds it back.
+    vllm_s = timed("vLLM", lambda: client.generate(problems, images, ignore_eos=True, **sampling))
+    hf_s = timed("HF", lambda: vlm.generate(model, tokenizer, batch, min_new_tokens=args.max_new_tokens, **sampling))
 
     write_s, reload_s = [], []
     weights_dir = os.path.join(work_dir, "weights")
@@ -115,7 +115,7 @@ print(f"\n{args.prompts} prompts x {args.n} completions x {args.max_new_tokens} 
 print("| engine | seconds per batch | tokens/s |")
 print("|---|---|---|")
 print(f"| vLLM server (vllm-cpu, 1 worker core) | {vllm_s:.2f} | {results['vllm_tokens_per_s']:,.0f} |")
-print(f"| HF generate ({args.hf_threads} thread{'s' if args.hf_threads > 1 else ''}) | {hf_s:.2f} "
+print(f"| HF, vlm.generate ({args.hf_threads} thread{'s' if args.hf_threads > 1 else ''}) | {hf_s:.2f} "
       f"| {results['hf_tokens_per_s']:,.0f} |")
 print(f"\nweight sync: write_weights {results['sync_write_seconds'] * 1e3:.0f} ms + reload_weights "
       f"{results['sync_reload_seconds'] * 1e3:.0f} ms (reload, encoder and prefix cache resets)")
