@@ -3,9 +3,12 @@ Qwen2-VL, driven through vlm.VLLMClient: its greedy tokens equal HF's, weight sy
 server ending in a clear error instead of a hang. One server for the whole file (start-up takes about a minute).
 The client-only tests at the top need no server and always run."""
 import copy
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -257,6 +260,22 @@ def test_sampling_gives_n_completions_per_prompt_with_the_trainers_logprobs(clie
             logits = model(**inputs).logits[0, prompt["input_ids"].shape[1] - 1:-1]
         ours = torch.log_softmax(logits, -1).gather(1, torch.tensor(completions[k])[:, None])[:, 0]
         assert torch.allclose(ours, torch.tensor(logprobs[k]), atol=1e-3), k
+
+
+@requires_server
+def test_rollout_benchmark_compares_equal_token_counts(server, tmp_path):
+    """benchmarks/vllm_vs_hf_rollouts.py against this server. The served model ends many completions early
+    (its <|im_end|> row is enlarged), so the run only completes if both engines really hold EOS back."""
+    server.ensure_running()
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vllm_vs_hf_rollouts.py"), "--url", server.url,
+                    "--model", server.model_dir, "--prompts", "2", "--n", "4", "--max_new_tokens", "48",
+                    "--repeats", "1", "--out", str(out)], check=True, timeout=300)
+    with open(out) as f:
+        results = json.load(f)
+    assert results["tokens_per_batch"] == 2 * 4 * 48
+    assert results["vllm_tokens_per_s"] > 0 and results["hf_tokens_per_s"] > 0
+    assert results["sync_write_seconds"] > 0 and results["sync_reload_seconds"] > 0
 
 
 @requires_server
