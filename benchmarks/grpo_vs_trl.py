@@ -151,8 +151,9 @@ def trl_config(settings, steps, output_dir):
 def schedule_records(settings, data_dir, steps):
     """(domain, row) of every prompt in order: the schedule train_grpo.py draws for these settings."""
     import train_grpo
+    import vlm
     from datasets import load_from_disk
-    manifest = train_grpo.load_manifest(data_dir)
+    manifest = vlm.load_manifest(data_dir)
     domains = train_grpo.training_domains(manifest)
     weights = train_grpo.resolve_mixture(settings["mixture"], "", domains)
     sizes = {d: len(load_from_disk(os.path.join(data_dir, manifest["datasets"][d]["splits"]["train"]["path"])))
@@ -240,7 +241,7 @@ def trl_worker(spec_path):
     model.model.visual.requires_grad_(False)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           video_processor=None, chat_template=tokenizer.chat_template)
-    manifest = train_grpo.load_manifest(spec["data_dir"])
+    manifest = vlm.load_manifest(spec["data_dir"])
     datasets = {d: load_from_disk(os.path.join(spec["data_dir"], manifest["datasets"][d]["splits"]["train"]["path"]))
                 for d in {d for d, _ in spec["records"]}}
     rows = [datasets[d][row] for d, row in spec["records"]]

@@ -1,0 +1,42 @@
+"""The parts of benchmarks/grpo_vs_trl.py that need no TRL: the prompt schedule both sides are fed and our side's
+timed run. TRL's side needs its own venv from PyPI (benchmarks/requirements-trl.txt), which CI does not build;
+these keep the benchmark from silently breaking when train_grpo.py or vlm.py change."""
+import os
+import sys
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import grpo_vs_trl  # noqa: E402
+
+import train_grpo  # noqa: E402
+
+
+def small_settings():
+    return grpo_vs_trl.grpo_settings(SimpleNamespace(prompts=2, G=3, length=6, beta=0.04))
+
+
+def test_schedule_records_are_train_grpos_schedule(data_dir):
+    settings = small_settings()
+    records = grpo_vs_trl.schedule_records(settings, str(data_dir), steps=4)
+    # 2 prompts x 4 steps, from the two training domains (60 and 12 rows), drawn with the run's seed
+    assert len(records) == 8
+    sizes = {"syn_count": 60, "syn_colorcount": 12}
+    assert all(domain in sizes and 0 <= row < sizes[domain] for domain, row in records)
+    assert records == grpo_vs_trl.schedule_records(settings, str(data_dir), steps=4)
+    schedule = train_grpo.build_schedule(train_grpo.resolve_mixture("uniform", "", list(sizes)), sizes, 2, 4,
+                                         "with_replacement", settings["seed"])
+    assert records == [pick for step in schedule for pick in step]
+
+
+def test_our_side_times_full_length_completions(data_dir, cold_start_dir, tmp_path):
+    settings = small_settings()
+    run = grpo_vs_trl.run_ours(ROOT, settings, str(cold_start_dir), str(data_dir), warmup=1, steps=2,
+                               work=str(tmp_path / "ours"))
+    assert len(run["step_s"]) == 2 and all(s > 0 for s in run["step_s"])
+    # EOS held back: every completion has exactly `length` tokens, which the comparison requires
+    assert run["samples"] == [6, 6] and run["tokens"] == [36, 36]
+    assert run["peak_mib"] > 0
+    assert set(run["split"]) == {"t_generate", "t_reward", "t_ref_old", "t_forward_backward", "t_optimizer", "t_step"}
+    speed = grpo_vs_trl.throughput(run)
+    assert abs(speed["samples_per_s"] - 12 / sum(run["step_s"])) < 1e-9
