@@ -827,8 +827,10 @@ def main(argv):
                         config["beta"], config["loss_type"], config["max_completion_length"])
                     accelerator.backward(loss / len(micro_batches))
                 if server_logprobs is not None and iteration == 0:  # the weights that generated them
-                    served = pad_completions([server_logprobs[i] for i in mb], 0, accelerator.device)[0]
-                    diff = ((logp.detach() - served.to(logp.dtype)).abs() * c_mask).sum() / c_mask.sum()
+                    served = torch.zeros_like(logp)  # not pad_completions: its integer tensor truncates them
+                    for row, i in enumerate(mb):
+                        served[row, :len(server_logprobs[i])] = torch.tensor(server_logprobs[i])
+                    diff = ((logp.detach() - served).abs() * c_mask).sum() / c_mask.sum()
                     server_diffs.append(diff.item())
                 losses.append(loss.item())
                 kls.append(stats["kl"])
