@@ -701,10 +701,10 @@ def main(argv=None):
                              "\"box_convention\": \"qwen1000\"}' or '{\"options\": {\"A\": \"left\"}}'")
     parser.add_argument("--format", dest="format_mode", choices=FORMAT_MODES, default="strict",
                         help="strict: the official newline layout (default); lenient: any whitespace")
-    parser.add_argument("--no-gate", dest="gate_on_format", action="store_false",
+    parser.add_argument("--no_gate", dest="gate_on_format", action="store_false",
                         help="score accuracy even when the format fails (the official code); default: the "
                              "paper's rule, a failed format zeroes every reward")
-    parser.add_argument("--iou-threshold", type=float, default=None, metavar="T",
+    parser.add_argument("--iou_threshold", type=float, default=None, metavar="T",
                         help="iou gives 1.0 when IoU > T else 0.0 (the official code uses 0.5); default: the IoU")
     args = parser.parse_args(argv)
     completion = sys.stdin.read() if args.completion == "-" else args.completion

@@ -351,7 +351,7 @@ def test_cli_prints_the_score_as_json():
     done = run_cli("--domain", "lisa", "--solution", BOX, "--completion", formatted("[12, 10, 50, 48]"))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"iou": 0.9025, "format": 1.0, "total": 2.805}
-    done = run_cli("--domain", "lisa", "--solution", BOX, "--completion", "-", "--no-gate", "--iou-threshold", "0.5",
+    done = run_cli("--domain", "lisa", "--solution", BOX, "--completion", "-", "--no_gate", "--iou_threshold", "0.5",
                    stdin="<answer>[12, 10, 50, 48]</answer>")
     assert json.loads(done.stdout) == {"iou": 1.0, "format": 0.0, "total": 2.0}
     done = run_cli("--domain", "sat", "--solution", "B", "--completion", "<think>x</think><answer>red</answer>",
