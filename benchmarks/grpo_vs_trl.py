@@ -3,7 +3,7 @@ Our GRPO step (train_grpo.py) against TRL's GRPOTrainer, side by side on this ma
 
     python prepare_data.py && python benchmarks/grpo_vs_trl.py
     python benchmarks/grpo_vs_trl.py --reps=7 --init_from=out/cold_start    # another weights folder
-    python benchmarks/grpo_vs_trl.py --rev=HEAD~1 --no-scaling               # also our loop at another commit
+    python benchmarks/grpo_vs_trl.py --rev=HEAD~1 --no_scaling               # also our loop at another commit
 
 Both sides get the same saved weights folder, the same synthetic prompts and images in the same order (the
 schedule train_grpo.py draws for a uniform mixture), G completions per prompt, the same batch, every completion
@@ -62,7 +62,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS for both sides (default: torch's choice, one per core); 1 keeps other jobs "
                         "on a small shared machine from stalling every parallel op")
-    p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the G / length scaling runs")
+    p.add_argument("--no_scaling", dest="scaling", action="store_false", help="skip the G / length scaling runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run TRL's side from this spec file
     args = p.parse_args()
     if args.beta <= 0:
