@@ -152,12 +152,10 @@ def schedule_records(settings, data_dir, steps):
     """(domain, row) of every prompt in order: the schedule train_grpo.py draws for these settings."""
     import train_grpo
     import vlm
-    from datasets import load_from_disk
     manifest = vlm.load_manifest(data_dir)
     domains = train_grpo.training_domains(manifest)
     weights = train_grpo.resolve_mixture(settings["mixture"], "", domains)
-    sizes = {d: len(load_from_disk(os.path.join(data_dir, manifest["datasets"][d]["splits"]["train"]["path"])))
-             for d in weights}
+    sizes = {d: len(train_grpo.load_train_split(data_dir, manifest, d)) for d in weights}
     schedule = train_grpo.build_schedule(weights, sizes, settings["prompts_per_step"], steps, settings["sampling"],
                                          settings["seed"])
     return [pick for step in schedule for pick in step]
@@ -222,7 +220,7 @@ def trl_worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     import torch
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
     from transformers import Qwen2VLProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import train_grpo
@@ -242,8 +240,7 @@ def trl_worker(spec_path):
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           video_processor=None, chat_template=tokenizer.chat_template)
     manifest = vlm.load_manifest(spec["data_dir"])
-    datasets = {d: load_from_disk(os.path.join(spec["data_dir"], manifest["datasets"][d]["splits"]["train"]["path"]))
-                for d in {d for d, _ in spec["records"]}}
+    datasets = {d: train_grpo.load_train_split(spec["data_dir"], manifest, d) for d in {d for d, _ in spec["records"]}}
     rows = [datasets[d][row] for d, row in spec["records"]]
     check_same_prompt(processor, tokenizer, image_processor, rows[0])
     train = Dataset.from_list([{"prompt": [{"role": "user", "content": r["problem"]}], "image": r["image"],
