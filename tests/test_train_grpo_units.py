@@ -99,9 +99,11 @@ def full_sequence_logprobs(model, prompts, ids, mask, temperature):
     return tg.selective_log_softmax(logits / temperature, ids)
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones():
+@pytest.mark.parametrize("family", ["tiny", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones(family):
+    # the full-sequence forward computes each family's position ids itself; completion_logprobs passes its own
     from PIL import Image
-    model, tokenizer, image_processor = vlm.load_policy("tiny")
+    model, tokenizer, image_processor = vlm.load_policy(family)
     model.model.visual.requires_grad_(False)
     problems, images = ["How many circles?", "a"], [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84))]
     prompt_of_row = torch.tensor([0, 0, 0, 1, 1])
