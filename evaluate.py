@@ -461,11 +461,9 @@ def model_digest(model):
 def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
+        model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype, max_pixels=max_pixels)
     except OSError as e:
         raise SystemExit(f"error: cannot load model {source!r}: not a model folder, 'tiny', nor a hub model ({e})")
-    if max_pixels:
-        image_processor.size["longest_edge"] = max_pixels
     model.to(device).eval()
 
     def complete(problems, images):
@@ -481,9 +479,7 @@ def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, s
     the model's weights are loaded first; the server must have been started on a folder of the same architecture
     and tokenizer (a mismatch in tokenization is an error naming the prompt)."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
-    if max_pixels:
-        image_processor.size["longest_edge"] = max_pixels
+    model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype, max_pixels=max_pixels)
     client = vlm.VLLMClient(url, image_processor, timeout=timeout)
     try:
         client.check_health(weight_sync=True)
@@ -494,12 +490,9 @@ def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, s
     del model
 
     def complete(problems, images):
-        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
-        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         try:
-            ids = client.generate(problems, images, n=1, max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
-                                  greedy=temperature == 0, prompt_ids=prompt_ids,
-                                  suppress_token_ids=vlm.vision_token_ids(tokenizer))
+            ids = client.generate_for(tokenizer, problems, images, n=1, max_new_tokens=max_new_tokens,
+                                      temperature=temperature or 1.0, greedy=temperature == 0)
         except vlm.VLLMServerError as e:
             raise SystemExit(f"error: {e} (the completions generated so far are cached; run again to resume)")
         return [vlm.decode(tokenizer, c) for c in ids]
@@ -563,7 +556,7 @@ def prepare_cache(folder, generation, rank, world):
         if not os.path.isfile(settings_path) or read_json(settings_path) != generation:
             shutil.rmtree(cache_dir, ignore_errors=True)
             os.makedirs(cache_dir)
-            write_json_atomic(settings_path, generation)
+            vlm.write_json_atomic(settings_path, generation)
     barrier(world)
     done = completions_on_disk(folder, generation)
     barrier(world)  # every process has read before any adds to the cache, so all slice the same remainder
@@ -607,22 +600,6 @@ def generate_missing(model, sets, rows_of, done, generation, args, rank, world, 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
-
-def write_json_atomic(path, value, jsonl=False):
-    """Serialises first, writes a temporary file, fsyncs, renames: the file at `path` is the old one or the whole
-    new one, never a half-written one."""
-    text = "".join(json.dumps(v) + "\n" for v in value) if jsonl else json.dumps(value, indent=1) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def weighted_score(benchmarks, role):
     """The paper's In / Out score: the mean of the sets' scores weighted by their sizes; None without such sets."""
@@ -673,8 +650,8 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
                "in_score": weighted_score(benchmarks, "in"), "out_score": weighted_score(benchmarks, "out"),
                "limit": args.limit or None, "processes": world, "seconds": round(time.time() - started, 1),
                "settings": settings}
-    write_json_atomic(os.path.join(model.folder, "predictions.jsonl"), predictions, jsonl=True)
-    write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
+    vlm.write_json_atomic(os.path.join(model.folder, "predictions.jsonl"), predictions, jsonl=True)
+    vlm.write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
     shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
     log(f"{results_path}: in {format_score(results['in_score'])}, out {format_score(results['out_score'])}")
     return results
@@ -711,7 +688,7 @@ def write_stepavg(run_dir, steps, log):
     folder = os.path.join(run_dir, "eval", "stepavg")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "results.json")
-    write_json_atomic(path, results)
+    vlm.write_json_atomic(path, results)
     log(f"{path}: StepAvg over steps {results['averaged_steps']}: in {format_score(results['in_score'])}, "
         f"out {format_score(results['out_score'])}")
     return path

@@ -219,24 +219,6 @@ def test_table_bad_input(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# results are never half-written
-
-def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = str(tmp_path / "results.json")
-    evaluate.write_json_atomic(path, {"score": 1})
-    with pytest.raises(TypeError):
-        evaluate.write_json_atomic(path, {"score": 2, "bad": object()})  # fails while serialising
-
-    def disk_full(fd):
-        raise OSError("No space left on device")
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        evaluate.write_json_atomic(path, {"score": 3})  # fails after the temporary file was written
-    assert json.load(open(path)) == {"score": 1}
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # end to end: small test sets in the record format, tiny checkpoints in a run folder
 
 def png(size, color):
