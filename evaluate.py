@@ -12,7 +12,8 @@ Outputs, per checkpoint <run>/ckpt-NNNNNN: <run>/eval/ckpt-NNNNNN/results.json (
 per-benchmark {score, n, metric, role}, in_score, out_score) and predictions.jsonl (one line per item: set, id,
 completion, parsed answer, solution, score). Several checkpoints of a run also give <run>/eval/stepavg/results.json,
 the paper's "StepAvg" (each benchmark's score averaged over the checkpoints). A base model's results go to
-out/base-<name>/ (--out_dir). Both files are written to a temporary name and renamed: a results.json is never
+out/base-<name>/ (--out_dir); a quick look with --limit N writes them to <folder>/limit-N/ instead, so it never
+replaces a full evaluation. Both files are written to a temporary name and renamed: a results.json is never
 half-written, and its presence means the evaluation finished. Completions are cached as they are generated
 (<folder>/.partial/), so a killed evaluation resumes where it stopped, with any number of processes.
 
@@ -657,7 +658,10 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
                   "max_pixels": args.max_pixels or model.train_config.get("max_pixels", 0),
                   "sets": {s.name: s.fingerprint for s in sets}}
     settings = {"generation": generation, "limit": args.limit, "metrics": {s.name: s.metric for s in sets}}
-    results_path = os.path.join(model.folder, "results.json")
+    # A quick look (--limit N) has its own folder, so it never replaces a full evaluation's files; the completion
+    # cache is shared, so a full evaluation later reuses what a quick look generated and the reverse.
+    results_dir = os.path.join(model.folder, f"limit-{args.limit}") if args.limit else model.folder
+    results_path = os.path.join(results_dir, "results.json")
     if not args.force and os.path.isfile(results_path) and read_json(results_path).get("settings") == settings:
         log(f"{results_path}: up to date")
         return read_json(results_path) if rank == 0 else None
@@ -673,18 +677,22 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
                "in_score": weighted_score(benchmarks, "in"), "out_score": weighted_score(benchmarks, "out"),
                "limit": args.limit or None, "processes": world, "seconds": round(time.time() - started, 1),
                "settings": settings}
-    write_json_atomic(os.path.join(model.folder, "predictions.jsonl"), predictions, jsonl=True)
+    os.makedirs(results_dir, exist_ok=True)
+    write_json_atomic(os.path.join(results_dir, "predictions.jsonl"), predictions, jsonl=True)
     write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
-    shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
+    if not args.limit:  # the full predictions.jsonl now holds every completion the cache did
+        shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
     log(f"{results_path}: in {format_score(results['in_score'])}, out {format_score(results['out_score'])}")
     return results
 
 
-def write_stepavg(run_dir, steps, log):
+def write_stepavg(run_dir, steps, log, limit=0):
     """<run>/eval/stepavg/results.json: every benchmark's score averaged over the run's evaluated checkpoints (or
-    over `steps`), the paper's StepAvg. Only checkpoints evaluated like the newest one (same sets, sizes, metrics) are
-    averaged. Returns the path, or None with fewer than two such checkpoints."""
-    found = [read_json(p) for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", "results.json"))]
+    over `steps`), the paper's StepAvg; with `limit`, over their --limit evaluations, into stepavg/limit-N/. Only
+    checkpoints evaluated like the newest one (same sets, sizes, metrics) are averaged. Returns the path, or None
+    with fewer than two such checkpoints."""
+    subfolder = f"limit-{limit}" if limit else ""
+    found = [read_json(p) for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", subfolder, "results.json"))]
     found.sort(key=lambda r: r["step"])
     if steps:
         missing = sorted(set(steps) - {r["step"] for r in found})
@@ -708,7 +716,7 @@ def write_stepavg(run_dir, steps, log):
                "averaged_steps": [r["step"] for r in chosen], "mixture": found[-1]["mixture"],
                "benchmarks": benchmarks, "in_score": weighted_score(benchmarks, "in"),
                "out_score": weighted_score(benchmarks, "out"), "limit": found[-1].get("limit")}
-    folder = os.path.join(run_dir, "eval", "stepavg")
+    folder = os.path.join(run_dir, "eval", "stepavg", subfolder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "results.json")
     write_json_atomic(path, results)
@@ -810,7 +818,9 @@ def parse_args(argv):
     p.add_argument("--max_pixels", type=int, default=0,
                    help="image processor's max pixels per image (default 0: a checkpoint's training setting, else "
                         "the model's own)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N items of each set, for a quick look")
+    p.add_argument("--limit", type=int, default=0,
+                   help="only the first N items of each set, for a quick look: results go to <folder>/limit-N/, "
+                        "never over a full evaluation's; completions are shared with it (default 0: every item)")
     p.add_argument("--exact_match", action="store_true",
                    help="score the benchmarks by plain exact match with a reference answer (the paper's reporting) "
                         "instead of relaxed accuracy / ANLS / MathVista and MMMU matching")
@@ -866,7 +876,7 @@ def main(argv=None):
     written = [evaluate_model(model, sets, rows_of, args, rank, world, device, log) for model in models]
     if rank == 0:
         for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir):
-            path = write_stepavg(run_dir, args.stepavg_steps, log)
+            path = write_stepavg(run_dir, args.stepavg_steps, log, args.limit)
             if path:
                 written.append(read_json(path))
         print()

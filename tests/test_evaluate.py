@@ -374,22 +374,22 @@ def test_resume_from_a_killed_evaluation(workspace):
     root, data_dir, _ = workspace
     out_dir = str(root / "base-tiny")
     evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", out_dir, "--max_new_tokens", "6", "--limit", "1"])
-    first = json.load(open(os.path.join(out_dir, "results.json")))
+    first = json.load(open(os.path.join(out_dir, "limit-1", "results.json")))
     assert first["step"] == 0 and first["mixture"] == {} and first["limit"] == 1
     assert {b["n"] for b in first["benchmarks"].values()} == {1}
 
     # The state a kill leaves: completions cached, no results. One cached completion is replaced by the right
     # answer, so its use is visible; the last line was cut mid-write and must be regenerated.
-    predictions = read_jsonl(os.path.join(out_dir, "predictions.jsonl"))
+    predictions = read_jsonl(os.path.join(out_dir, "limit-1", "predictions.jsonl"))
     predictions[0]["completion"] = "<answer>2</answer>"  # syn_count-test-0's solution
     cache = os.path.join(out_dir, ".partial")
+    shutil.rmtree(cache)
     os.makedirs(cache)
     json.dump(first["settings"]["generation"], open(os.path.join(cache, "settings.json"), "w"))
     lines = [json.dumps({"set": p["set"], "id": p["id"], "completion": p["completion"]}) for p in predictions]
     with open(os.path.join(cache, "killed-1.jsonl"), "w") as f:
         f.write("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    os.remove(os.path.join(out_dir, "results.json"))
-    os.remove(os.path.join(out_dir, "predictions.jsonl"))
+    shutil.rmtree(os.path.join(out_dir, "limit-1"))
 
     evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", out_dir, "--max_new_tokens", "6"])
     results = json.load(open(os.path.join(out_dir, "results.json")))
@@ -405,6 +405,40 @@ def test_resume_from_a_killed_evaluation(workspace):
     assert {n: b["metric"] for n, b in rescored["benchmarks"].items()} == {
         "syn_count/test": "math", "syn_ground/test": "iou", "chartqa/test": "exact_match", "mmmu/val": "exact_match"}
     assert read_jsonl(os.path.join(out_dir, "predictions.jsonl"))[0]["completion"] == "<answer>2</answer>"
+
+
+def test_a_quick_look_never_replaces_a_full_evaluation(workspace, tmp_path, capsys, monkeypatch):
+    root, data_dir, run_dir = workspace
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path), "--max_new_tokens", "3"]
+    evaluate.main(common)
+    full = {name: (tmp_path / name).read_bytes() for name in ("results.json", "predictions.jsonl")}
+
+    def no_generation(*args):
+        raise AssertionError("the quick look generated instead of reading the full evaluation's completions")
+    monkeypatch.setattr(evaluate, "hf_engine", no_generation)
+    evaluate.main(common + ["--limit", "1"])
+    assert {name: (tmp_path / name).read_bytes() for name in full} == full
+    quick = json.load(open(tmp_path / "limit-1" / "results.json"))
+    assert quick["limit"] == 1 and {b["n"] for b in quick["benchmarks"].values()} == {1}
+    first_items = {}
+    for p in read_jsonl(tmp_path / "predictions.jsonl"):
+        first_items.setdefault(p["set"], p)
+    assert read_jsonl(tmp_path / "limit-1" / "predictions.jsonl") == list(first_items.values())
+    capsys.readouterr()
+    evaluate.main(common)  # the full results are still current
+    assert "results.json: up to date" in capsys.readouterr().out
+
+    # A run's quick look: each checkpoint's in limit-1/, and their StepAvg in stepavg/limit-1/.
+    monkeypatch.undo()
+    run = root / "quick-run"
+    for step in (10, 20):
+        shutil.copytree(os.path.join(run_dir, f"ckpt-{step:06d}"), run / f"ckpt-{step:06d}")
+    evaluate.main([str(run), "--data_dir", data_dir, "--limit", "1"])
+    assert sorted(os.listdir(run / "eval")) == ["ckpt-000010", "ckpt-000020", "stepavg"]
+    assert sorted(os.listdir(run / "eval" / "stepavg")) == ["limit-1"]
+    stepavg = json.load(open(run / "eval" / "stepavg" / "limit-1" / "results.json"))
+    assert stepavg["averaged_steps"] == [10, 20] and stepavg["limit"] == 1
+    assert not os.path.exists(run / "eval" / "ckpt-000010" / "results.json")
 
 
 def run_cli(args, cwd, **env):
