@@ -395,6 +395,25 @@ def read_json(path):
         return json.load(f)
 
 
+def existing_results(path, replace_unreadable):
+    """The results.json at `path`, or None when there is none. We write it atomically, so one that is not a JSON
+    object was cut or edited by something else: an error naming it, or None (to be replaced) under
+    `replace_unreadable`."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        results = read_json(path)
+        problem = None if isinstance(results, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = str(e)
+    if problem is None:
+        return results
+    if replace_unreadable:
+        return None
+    raise SystemExit(f"error: {path} is not a readable results file ({problem}): evaluate its model again with "
+                     "--force to replace it (cached completions are reused)")
+
+
 def is_run_folder(path):
     config = os.path.join(path, "config.json")
     has_checkpoints = any(re.fullmatch(r"ckpt-\d+", name) for name in os.listdir(path))
@@ -428,6 +447,14 @@ def base_model(source, out_dir):
         problem = vlm.checkpoint_problem(source)
         if problem is not None:
             raise SystemExit(f"error: model folder {source} is {problem}")
+    if os.path.isdir(source):  # found now, not after the test sets are read and the model fails to load
+        try:
+            config = read_json(os.path.join(source, "config.json"))
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise SystemExit(f"error: {source} is not a checkpoint (trainer_state.json), a run folder (ckpt-NNNNNN) "
+                             "nor a model folder (config.json with a model_type): give one of those")
     name = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
     folder = out_dir or os.path.join("out", "base-" + re.sub(r"[^A-Za-z0-9._-]+", "--", name))
     return Model(source, name, None, 0, {}, {}, folder)
@@ -548,9 +575,9 @@ def completions_on_disk(folder, generation):
     """Completions already generated with these generation settings: every process's cache file, and the
     predictions of a finished evaluation that differed only in scoring (--exact_match, --limit)."""
     paths = sorted(glob.glob(os.path.join(folder, ".partial", "*.jsonl")))
-    results_path, predictions_path = os.path.join(folder, "results.json"), os.path.join(folder, "predictions.jsonl")
-    if os.path.isfile(results_path) and os.path.isfile(predictions_path) and \
-            read_json(results_path).get("settings", {}).get("generation") == generation:
+    finished = existing_results(os.path.join(folder, "results.json"), replace_unreadable=True)
+    predictions_path = os.path.join(folder, "predictions.jsonl")
+    if finished and os.path.isfile(predictions_path) and finished.get("settings", {}).get("generation") == generation:
         paths.insert(0, predictions_path)
     return read_completions(paths)
 
@@ -662,9 +689,10 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
     # cache is shared, so a full evaluation later reuses what a quick look generated and the reverse.
     results_dir = os.path.join(model.folder, f"limit-{args.limit}") if args.limit else model.folder
     results_path = os.path.join(results_dir, "results.json")
-    if not args.force and os.path.isfile(results_path) and read_json(results_path).get("settings") == settings:
+    previous = existing_results(results_path, replace_unreadable=args.force)
+    if not args.force and previous and previous.get("settings") == settings:
         log(f"{results_path}: up to date")
-        return read_json(results_path) if rank == 0 else None
+        return previous if rank == 0 else None
     started = time.time()
     done = prepare_cache(model.folder, generation, rank, world)
     generate_missing(model, sets, rows_of, done, generation, args, rank, world, device)
@@ -692,7 +720,8 @@ def write_stepavg(run_dir, steps, log, limit=0):
     checkpoints evaluated like the newest one (same sets, sizes, metrics) are averaged. Returns the path, or None
     with fewer than two such checkpoints."""
     subfolder = f"limit-{limit}" if limit else ""
-    found = [read_json(p) for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", subfolder, "results.json"))]
+    found = [existing_results(p, replace_unreadable=False)
+             for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", subfolder, "results.json"))]
     found.sort(key=lambda r: r["step"])
     if steps:
         missing = sorted(set(steps) - {r["step"] for r in found})

@@ -555,6 +555,29 @@ def test_incomplete_or_corrupt_checkpoint_is_an_error(workspace, tmp_path):
         evaluate.main([partial, "--data_dir", data_dir])
 
 
+def test_a_folder_that_is_no_model_is_an_error_before_any_work(workspace, tmp_path):
+    _, data_dir, run_dir = workspace
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a model")
+    with pytest.raises(SystemExit, match=r"notes is not a checkpoint \(trainer_state.json\), a run folder"):
+        evaluate.main([str(tmp_path / "notes"), "--data_dir", data_dir])
+    with pytest.raises(SystemExit, match="nor a model folder"):  # found before the (here missing) data is read
+        evaluate.main([str(tmp_path / "notes"), "--data_dir", str(tmp_path / "no-data")])
+
+
+def test_a_cut_results_file_is_an_error_and_force_replaces_it(workspace, tmp_path):
+    _, data_dir, _ = workspace
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path), "--max_new_tokens", "2", "--limit", "1"]
+    evaluate.main(common)
+    path = tmp_path / "limit-1" / "results.json"
+    whole = path.read_text()
+    path.write_text(whole[:40])
+    with pytest.raises(SystemExit, match=r"limit-1/results.json is not a readable results file .*--force"):
+        evaluate.main(common)
+    evaluate.main(common + ["--force"])
+    assert json.loads(path.read_text())["benchmarks"] == json.loads(whole)["benchmarks"]
+
+
 def edited_data(workspace, tmp_path, edit):
     """A copy of the test data with the manifest edited by `edit`."""
     data_dir = str(tmp_path / "data")
