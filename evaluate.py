@@ -317,7 +317,6 @@ def metric_of(domain, entry, exact_match):
 
 def open_test_sets(data_dir, names=None, exact_match=False):
     """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
-    from datasets import load_from_disk
     manifest_path = os.path.join(data_dir, "manifest.json")
     manifest = vlm.load_manifest(data_dir)
     evaluation = manifest.get("evaluation", {})
@@ -339,10 +338,7 @@ def open_test_sets(data_dir, names=None, exact_match=False):
             raise SystemExit(f"error: evaluation set {name} is not a dataset split in {manifest_path}")
         info = entry["splits"][split]
         path = os.path.join(data_dir, info["path"])
-        if not os.path.isdir(path):
-            raise SystemExit(f"error: {path} (evaluation set {name} in {manifest_path}) does not exist: run "
-                             "prepare_data.py again")
-        dataset = load_from_disk(path)
+        dataset = vlm.open_split(data_dir, manifest, domain, split)
         missing = [c for c in RECORD_COLUMNS if c not in dataset.column_names]
         if missing:
             raise SystemExit(f"error: {path} lacks the record field(s) {', '.join(missing)}")

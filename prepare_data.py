@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import rewards
+import vlm
 
 # The paper's reasoning suffixes. MoDoMoDo appends the "(option)" one to SAT, GeoQA, GeoQAV and ScienceQA alike
 # (its official code with two spaces before "Output"; we use one, as the issue states). The plain one is R1-V's.
@@ -133,8 +134,14 @@ def evaluation_sets(manifest):
 
 
 def is_up_to_date(data_dir, domain, split, recipe):
+    """Listed with this recipe, and its files are still the ones written (a deleted, cut or edited split rebuilds)."""
     entry = read_manifest(data_dir)["datasets"].get(domain, {}).get("splits", {}).get(split)
-    return entry is not None and entry.get("recipe") == recipe and os.path.isdir(os.path.join(data_dir, domain, split))
+    if entry is None or entry.get("recipe") != recipe:
+        return False
+    try:
+        return vlm.split_files_sha256(os.path.join(data_dir, domain, split)) == entry.get("files_sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_split(data_dir, domain, split, records, digests, skipped, info, recipe):
@@ -155,6 +162,7 @@ def write_split(data_dir, domain, split, records, digests, skipped, info, recipe
     finally:
         datasets.enable_progress_bars()
     split_entry = {"path": f"{domain}/{split}", "rows": len(records), "fingerprint": combine(digests),
+                   "files_sha256": vlm.split_files_sha256(partial),  # what training and evaluation check, cheaply
                    "n_skipped": len(skipped), "skipped": skipped, "source": info["split_source"], "recipe": recipe}
     with manifest_transaction(data_dir) as manifest:
         manifest["datasets"].get(domain, {}).get("splits", {}).pop(split, None)

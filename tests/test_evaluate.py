@@ -273,6 +273,8 @@ def write_test_sets(data_dir):
                                         "role": "train" if role == "in" else "benchmark",
                                         "splits": {split: {"path": name, "rows": len(records),
                                                            "fingerprint": f"fp-{name}", "n_skipped": 0,
+                                                           "files_sha256": vlm.split_files_sha256(
+                                                               os.path.join(data_dir, name)),
                                                            "skipped": []}}}
         manifest["evaluation"]["in_domain" if role == "in" else "out_of_domain"].append(name)
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
@@ -617,11 +619,39 @@ def bad_solution(manifest, data_dir):
     dataset.save_to_disk(path + "-new")
     shutil.rmtree(path)
     os.rename(path + "-new", path)
+    manifest["datasets"]["syn_count"]["splits"]["test"]["files_sha256"] = vlm.split_files_sha256(path)
+
+
+def other_content(manifest, data_dir):
+    """Same rows, same ids, one problem reworded: the manifest no longer describes the data."""
+    path = os.path.join(data_dir, "chartqa", "test")
+    dataset = datasets.load_from_disk(path).map(lambda r: {"problem": r["problem"].replace("Question", "Query")})
+    dataset.save_to_disk(path + "-new")
+    shutil.rmtree(path)
+    os.rename(path + "-new", path)
+
+
+def cut_arrow_file(manifest, data_dir):
+    path = os.path.join(data_dir, "mmmu", "val", "data-00000-of-00001.arrow")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def no_state_file(manifest, data_dir):
+    os.remove(os.path.join(data_dir, "mmmu", "val", "state.json"))
+
+
+def older_manifest(manifest, data_dir):
+    del manifest["datasets"]["mmmu"]["splits"]["val"]["files_sha256"]
 
 
 @pytest.mark.parametrize("edit, message", [
+    (other_content, r"chartqa/test \(chartqa/test in .*manifest.json\) holds other data than the manifest lists"),
+    (cut_arrow_file, r"mmmu/val \(mmmu/val in .*\) holds other data .* run prepare_data.py again"),
+    (no_state_file, r"mmmu/val \(mmmu/val in .*\) is not a complete dataset folder .*state.json"),
+    (older_manifest, r"lists mmmu/val without files_sha256 \(an older prepare_data.py wrote it\)"),
     (wrong_rows, r"chartqa/test has 2 rows but .*manifest.json says 3"),
-    (missing_folder, r"mmmu/val \(evaluation set mmmu/val in .*\) does not exist"),
+    (missing_folder, r"mmmu/val \(mmmu/val in .*manifest.json\) does not exist: run prepare_data.py again"),
     (unknown_set, r"evaluation set docvqa/val is not a dataset split"),
     (unknown_metric, r"domain 'chartqa' has reward 'bleu', which is neither"),
     (other_domain, r"row 0 \(id syn_count-test-0\) has domain 'syn_count', not 'syn_other'"),
@@ -632,6 +662,18 @@ def test_test_set_not_matching_the_manifest_is_an_error(workspace, tmp_path, edi
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--max_new_tokens", "2"])
     assert not os.path.exists(tmp_path / "out")  # nothing generated, nothing written
+
+
+def test_results_are_not_up_to_date_against_changed_data(workspace, tmp_path):
+    """A finished evaluation, then the test data changes under the same manifest: an error, not "up to date"."""
+    data_dir = edited_data(workspace, tmp_path, lambda manifest, data_dir: None)
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--max_new_tokens", "2"]
+    evaluate.main(common + ["--limit", "1"])
+    before = (tmp_path / "out" / "limit-1" / "results.json").read_text()
+    other_content(None, data_dir)
+    with pytest.raises(SystemExit, match="holds other data than the manifest lists"):
+        evaluate.main(common + ["--limit", "1"])
+    assert (tmp_path / "out" / "limit-1" / "results.json").read_text() == before
 
 
 def test_bad_arguments(workspace, tmp_path):

@@ -2,6 +2,7 @@
 interrupted runs, and the synthetic suite (gold answers earn the maximal reward, fingerprints follow the seed)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,6 +293,41 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     resumed, clean = manifest(data), manifest(tmp_path / "clean")
     assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
            {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in clean["datasets"].items()}
+
+
+def replace_split(folder, change):
+    """Re-saves a split with `change` applied to every row: same rows, same ids, other content."""
+    dataset = datasets.load_from_disk(str(folder)).map(change)
+    dataset.save_to_disk(str(folder) + "-new")
+    shutil.rmtree(folder)
+    os.rename(str(folder) + "-new", folder)
+
+
+def test_training_refuses_changed_cut_or_deleted_splits_and_a_rerun_rebuilds_them(tmp_path, capsys):
+    import train_grpo
+    import vlm
+    data, argv = tmp_path / "data", ["--data_dir", str(tmp_path / "data"), "--n_train", "3", "--n_test", "2"]
+    P.main(argv)
+    listed = vlm.load_manifest(str(data))
+    assert [r["id"] for r in train_grpo.load_train_split(str(data), listed, "syn_count")] == [
+        "syn_count-train-00000", "syn_count-train-00001", "syn_count-train-00002"]
+    replace_split(data / "syn_count" / "train", lambda r: {"solution": "<answer>9</answer>"})
+    arrow = data / "syn_detect" / "train" / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:1000])
+    shutil.rmtree(data / "syn_ground" / "train")
+    for domain, message in [("syn_count", "holds other data than the manifest lists"),
+                            ("syn_detect", "holds other data than the manifest lists"), ("syn_ground", "does not exist")]:
+        with pytest.raises(SystemExit, match=rf"{domain}/train \({domain}/train in .*manifest.json\) {message}.*"
+                                             "run prepare_data.py again"):
+            train_grpo.load_train_split(str(data), listed, domain)
+    capsys.readouterr()
+    P.main(argv)  # what the message says: a plain rerun rebuilds exactly the three
+    out = capsys.readouterr().out
+    assert sorted(line.split(":")[0] for line in out.splitlines() if "up to date" not in line) == [
+        "syn_count/train", "syn_detect/train", "syn_ground/train"]
+    assert vlm.load_manifest(str(data)) == listed  # the same content as before the damage
+    for domain in ("syn_count", "syn_detect", "syn_ground"):
+        assert len(train_grpo.load_train_split(str(data), listed, domain)) == 3
 
 
 def test_source_replaces_one_split_only(tmp_path, capsys):
