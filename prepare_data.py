@@ -431,22 +431,28 @@ def synthetic_example(domain, split, index, seed):
     return image, f"{domain}-{split}-{index:05d}", problem, f"<answer>{example['answer']}</answer>", meta
 
 
-def build_synthetic(data_dir, seed, n_train, n_test, force=False):
-    for domain, (_, role, _) in SYNTHETIC.items():
-        sizes = {"train": n_train, "test": n_test} if role == "train" else {"test": n_test}
-        for split, n in sizes.items():
-            recipe = {"source": f"synthetic (seed {seed})", "rows": n, "script_sha256": script_sha256()}
-            if not force and is_up_to_date(data_dir, domain, split, recipe):
-                print(f"{domain}/{split}: up to date")
-                continue
-            records, digests = [], []
-            for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
-                image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed)
-                records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
-                digests.append(record_digest(records[-1], image))
-            info = {"reward": domain, "role": role, "split_source": f"synthetic (seed {seed})"}
-            entry = write_split(data_dir, domain, split, records, digests, [], info, recipe)
-            print(f"{domain}/{split}: {entry['rows']} rows")
+def synthetic_splits(n_train, n_test, only=None):
+    """(domain, split, rows) of the synthetic suite: train and test of the training domains, test of the others;
+    only the `only` split when given."""
+    return [(domain, split, n) for domain, (_, role, _) in SYNTHETIC.items()
+            for split, n in ({"train": n_train, "test": n_test} if role == "train" else {"test": n_test}).items()
+            if only in (None, split)]
+
+
+def build_synthetic(data_dir, seed, splits, force=False):
+    for domain, split, n in splits:
+        recipe = {"source": f"synthetic (seed {seed})", "rows": n, "script_sha256": script_sha256()}
+        if not force and is_up_to_date(data_dir, domain, split, recipe):
+            print(f"{domain}/{split}: up to date")
+            continue
+        records, digests = [], []
+        for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
+            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed)
+            records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
+            digests.append(record_digest(records[-1], image))
+        info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": f"synthetic (seed {seed})"}
+        entry = write_split(data_dir, domain, split, records, digests, [], info, recipe)
+        print(f"{domain}/{split}: {entry['rows']} rows")
 
 
 def contact_sheet(path, seed, per_domain=4):
@@ -852,10 +858,20 @@ def load_raw(source):
             return raw[source.split]
         return raw
     split = source.split
-    names = datasets.get_dataset_split_names(source.name, source.config)
-    if split not in names and len(names) == 1:
-        split = names[0]
-    return datasets.load_dataset(source.name, source.config, split=split)
+    try:
+        names = datasets.get_dataset_split_names(source.name, source.config)
+        if split not in names and len(names) == 1:
+            split = names[0]
+        return datasets.load_dataset(source.name, source.config, split=split)
+    except (ConnectionError, FileNotFoundError) as e:  # what datasets raises offline or for an unknown name
+        raise SystemExit(f"error: cannot read {source.name}: {e} (give a local copy with --source, or reach the "
+                         "hub)") from None
+
+
+def is_missing_folder(name):
+    """A --source that can only be a local path (absolute, ./ or ../, or more than owner/name) and is not there."""
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") != 1
+    return looks_local and not os.path.exists(name)
 
 
 def convert_row(row, index, domain, split, source):
@@ -953,11 +969,16 @@ def main(argv=None):
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
+    for option in ("n_train", "n_test"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be at least 1 (got {getattr(args, option)})")
 
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, args.seed)
         return
     names = [d for name in args.dataset for d in GROUPS.get(name, [name])]
+    if "synthetic" in names and args.split not in (None, "train", "test"):
+        p.error(f"the synthetic suite has no split '{args.split}' (it has train, test)")
     jobs = []
     for name in dict.fromkeys(names):
         if name == "synthetic":
@@ -970,13 +991,14 @@ def main(argv=None):
         if len(jobs) != 1 or "synthetic" in names:
             p.error("--source replaces the source of one dataset split: name one dataset (and --split if it has "
                     "several)")
+        if is_missing_folder(args.source):
+            p.error(f"--source {args.source}: no such folder (and not a hub name owner/name)")
         name, split, s = jobs[0]
         jobs = [(name, split, Source(args.source, s.config, s.split))]
-    if "synthetic" in names:
-        build_synthetic(args.data_dir, args.seed, args.n_train, args.n_test, force=args.force)
+    synthetic = synthetic_splits(args.n_train, args.n_test, args.split) if "synthetic" in names else []
+    build_synthetic(args.data_dir, args.seed, synthetic, force=args.force)
     for name, split, source in jobs:
         convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
-
 
 if __name__ == "__main__":
     main()

@@ -336,6 +336,26 @@ def test_source_replaces_one_split_only(tmp_path, capsys):
     assert "--source replaces the source of one dataset split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--n_train=-5"], "--n_train must be at least 1 (got -5)"),
+    (["--n_test=0"], "--n_test must be at least 1 (got 0)"),
+    (["--split", "nope"], "the synthetic suite has no split 'nope' (it has train, test)"),
+    (["--dataset", "lisa", "--split", "test", "--source", "/mirrors/nope"],
+     "--source /mirrors/nope: no such folder (and not a hub name owner/name)"),
+])
+def test_bad_options_are_one_line_errors_that_write_nothing(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        P.main(argv + ["--data_dir", str(tmp_path / "data")])
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_split_builds_only_that_split_of_the_synthetic_suite(tmp_path):
+    P.main(["--data_dir", str(tmp_path), "--split", "test", "--n_train", "2", "--n_test", "2"])
+    assert {d: sorted(e["splits"]) for d, e in manifest(tmp_path)["datasets"].items()} == {
+        d: ["test"] for d in P.SYNTHETIC}
+
+
 def test_help_documents_every_source_and_option(capsys):
     with pytest.raises(SystemExit):
         P.main(["--help"])
