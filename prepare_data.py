@@ -13,6 +13,8 @@ string: image_size, box_convention, options, source, and for the synthetic suite
 Each split is a save_to_disk folder <data_dir>/<domain>/<split>; <data_dir>/manifest.json indexes them (rows, content
 fingerprint, rows skipped with their reasons, which test sets are in-domain and which out-of-domain). The manifest is
 the only index: a split exists when the manifest lists it, and a split is listed only once its folder is complete.
+A run that is killed leaves the splits it had yet to finish in the manifest's "pending_splits", and training and
+evaluation refuse the manifest until the same command, run again, has finished them.
 """
 import argparse
 import ast
@@ -874,6 +876,15 @@ def is_missing_folder(name):
     return looks_local and not os.path.exists(name)
 
 
+def mark_pending(data_dir, splits, pending):
+    """The manifest's "pending_splits": what a prepare_data.py run set out to build and has not finished. A killed
+    run leaves its splits there, and training and evaluation refuse such a manifest (vlm.load_manifest) instead of
+    using the splits it happened to list; the same command run again finishes them and clears them."""
+    with manifest_transaction(data_dir) as manifest:
+        listed = set(manifest.get("pending_splits", []))
+        manifest["pending_splits"] = sorted(listed | set(splits) if pending else listed - set(splits))
+
+
 def convert_row(row, index, domain, split, source):
     """The record one source row becomes, and its decoded image; BadRow when it cannot become one."""
     problem, solution, data, img, extra = HUB[domain].convert(row)
@@ -996,9 +1007,18 @@ def main(argv=None):
         name, split, s = jobs[0]
         jobs = [(name, split, Source(args.source, s.config, s.split))]
     synthetic = synthetic_splits(args.n_train, args.n_test, args.split) if "synthetic" in names else []
-    build_synthetic(args.data_dir, args.seed, synthetic, force=args.force)
-    for name, split, source in jobs:
-        convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
+    planned = [f"{domain}/{split}" for domain, split, _ in synthetic] + [f"{name}/{split}" for name, split, _ in jobs]
+    mark_pending(args.data_dir, planned, True)
+    try:
+        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force)
+        for name, split, source in jobs:
+            convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
+    except (Exception, SystemExit):  # an error on screen: the manifest lists what was built (a kill or Ctrl-C, which
+        # can go unnoticed, leaves the rest pending)
+        mark_pending(args.data_dir, planned, False)
+        raise
+    mark_pending(args.data_dir, planned, False)
+
 
 if __name__ == "__main__":
     main()

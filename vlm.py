@@ -275,11 +275,15 @@ def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except FileNotFoundError:
         raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path} is not valid JSON ({e})")
+    if manifest.get("pending_splits"):  # the splits it lists are not all that was asked for
+        raise SystemExit(f"error: {path}: the prepare_data.py run that builds {', '.join(manifest['pending_splits'])} "
+                         "has not finished (killed, or still running): run that command again, or wait for it")
+    return manifest
 
 
 REBUILD = "run prepare_data.py again with the options that built it (it rebuilds only the splits that need it)"

@@ -14,6 +14,7 @@ import pytest
 import prepare_data as P
 import raw_fixtures as F
 import rewards
+import vlm
 
 SUFFIX_OPTION = (" Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> "
                  "tags.")
@@ -32,6 +33,12 @@ def load(data_dir, domain, split):
 def manifest(data_dir):
     with open(os.path.join(data_dir, "manifest.json")) as f:
         return json.load(f)
+
+
+def lists_nothing(data_dir):
+    """A run that stopped with an error before writing a split: no split listed, none pending."""
+    m = manifest(data_dir)
+    return m["datasets"] == {} and m["pending_splits"] == []
 
 
 def skipped(data_dir, domain, split):
@@ -210,7 +217,7 @@ def test_strict_stops_at_the_first_bad_row_naming_dataset_split_and_row(tmp_path
     with pytest.raises(SystemExit, match=rf"^error: coco/train from {source} split train: row 1: missing field "
                                          r"'solution'$"):
         build(tmp_path / "data", "coco", source, None, "--strict")
-    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+    assert lists_nothing(tmp_path / "data")
 
 
 def test_a_source_in_another_schema_is_an_error_not_a_split_of_skipped_rows(tmp_path):
@@ -218,7 +225,7 @@ def test_a_source_in_another_schema_is_an_error_not_a_split_of_skipped_rows(tmp_
         build(tmp_path / "data", "chartqa", F.save(F.infovqa(), tmp_path / "raw"))
     with pytest.raises(SystemExit, match=r"^error: geoqa/train: no row of .* could be converted \(unparsable"):
         build(tmp_path / "data", "geoqa", F.save(F.geoqa().select([1]), tmp_path / "raw_bad"))
-    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+    assert lists_nothing(tmp_path / "data")
 
 
 def test_manifest_merges_invocations_and_names_the_evaluation_sets(tmp_path):
@@ -264,12 +271,12 @@ def test_an_interrupted_write_leaves_the_old_split_listed_and_the_partial_one_un
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(data, "chartqa", source, None, "--force")
-    assert manifest(data) == before  # still the old, complete split
+    assert manifest(data) == dict(before, pending_splits=["chartqa/test"])  # the old, complete split; the rebuild pending
     assert P.fingerprint(load(data, "chartqa", "test")) == before["datasets"]["chartqa"]["splits"]["test"]["fingerprint"]
     assert [n for n in os.listdir(data / "chartqa") if n.startswith(".test.partial-")]
     monkeypatch.undo()
     build(data, "chartqa", source, None, "--force")  # the next run clears the leftover
-    assert os.listdir(data / "chartqa") == ["test"]
+    assert os.listdir(data / "chartqa") == ["test"] and manifest(data)["pending_splits"] == []
 
 
 def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
@@ -288,7 +295,13 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     assert 1 <= len(listed) < 13
     for (domain, split), entry in listed.items():
         assert P.fingerprint(load(data, domain, split)) == entry["fingerprint"]
+    # Every split the run set out to build is pending, and training and evaluation refuse the manifest.
+    assert len(manifest(data)["pending_splits"]) == 13
+    with pytest.raises(SystemExit, match=r"manifest.json: the prepare_data.py run that builds syn_chart/test, .* has "
+                                         "not finished \\(killed, or still running\\): run that command again"):
+        vlm.load_manifest(str(data))
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert vlm.load_manifest(str(data))["pending_splits"] == []
     P.main(["--data_dir", str(tmp_path / "clean"), "--n_train", "200", "--n_test", "20"])
     resumed, clean = manifest(data), manifest(tmp_path / "clean")
     assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
@@ -305,7 +318,6 @@ def replace_split(folder, change):
 
 def test_training_refuses_changed_cut_or_deleted_splits_and_a_rerun_rebuilds_them(tmp_path, capsys):
     import train_grpo
-    import vlm
     data, argv = tmp_path / "data", ["--data_dir", str(tmp_path / "data"), "--n_train", "3", "--n_test", "2"]
     P.main(argv)
     listed = vlm.load_manifest(str(data))
