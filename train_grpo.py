@@ -188,8 +188,7 @@ def parse_config(argv):
 # data: manifest, mixture, sampling schedule, and which completion is whose
 
 def load_train_split(data_dir, manifest, domain):
-    from datasets import load_from_disk
-    return load_from_disk(os.path.join(data_dir, manifest["datasets"][domain]["splits"]["train"]["path"]))
+    return vlm.open_split(data_dir, manifest, domain, "train")
 
 
 def training_domains(manifest):

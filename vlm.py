@@ -5,7 +5,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
   built offline from a config with a locally trained byte-level BPE tokenizer (tests and the CPU default).
 - save_policy / write_checksums / checkpoint_problem: save_pretrained folders that plain transformers (and vLLM)
   loads, and the test that tells a complete one from an interrupted or corrupted one.
-- load_manifest: prepare_data.py's index of the datasets.
+- load_manifest: prepare_data.py's index of the datasets; open_split: one of its splits, checked against it.
 - encode_prompts(...): model inputs built from the image processor and the tokenizer directly. transformers 5
   makes a video processor (which needs torchvision) a required part of Qwen2VLProcessor, so AutoProcessor is not
   usable on a CPU box without torchvision; the few lines it would do are here instead.
@@ -292,11 +292,53 @@ def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except FileNotFoundError:
         raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path} is not valid JSON ({e})")
+    if manifest.get("pending_splits"):  # the splits it lists are not all that was asked for
+        raise SystemExit(f"error: {path}: the prepare_data.py run that builds {', '.join(manifest['pending_splits'])} "
+                         "has not finished (killed, or still running): run that command again, or wait for it")
+    return manifest
+
+
+REBUILD = "run prepare_data.py again with the options that built it (it rebuilds only the splits that need it)"
+
+
+def split_files_sha256(folder):
+    """sha256 over the Arrow files of a save_to_disk folder, in the order its state.json lists them: the split's
+    bytes as prepare_data.py wrote them. Reading them costs ~16 ms for a 3,000-record synthetic split (3 MB);
+    recomputing the manifest's content fingerprint (every image decoded) took 3.3 s for the same split."""
+    with open(os.path.join(folder, "state.json")) as f:
+        names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
+    return digest.hexdigest()
+
+
+def open_split(data_dir, manifest, domain, split):
+    """A split the manifest lists, loaded once its files are checked to be the ones prepare_data.py wrote: a deleted,
+    cut or changed split is a one-line error (naming it, and the rebuild), never a traceback or other data."""
+    from datasets import load_from_disk
+    manifest_path = os.path.join(data_dir, "manifest.json")
+    entry = manifest["datasets"][domain]["splits"][split]
+    folder = os.path.join(data_dir, entry["path"])
+    where = f"{folder} ({domain}/{split} in {manifest_path})"
+    if "files_sha256" not in entry:
+        raise SystemExit(f"error: {manifest_path} lists {domain}/{split} without files_sha256 (an older "
+                         f"prepare_data.py wrote it), so its data cannot be checked: {REBUILD}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {where} does not exist: {REBUILD}")
+    try:
+        digest = split_files_sha256(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {where} is not a complete dataset folder ({e}): {REBUILD}")
+    if digest != entry["files_sha256"]:
+        raise SystemExit(f"error: {where} holds other data than the manifest lists (its files changed after "
+                         f"prepare_data.py wrote them): {REBUILD}")
+    return load_from_disk(folder)
 
 
 def prompt_text(tokenizer, problem, n_images=1):

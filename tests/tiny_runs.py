@@ -9,6 +9,8 @@ import sys
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage, ImageDraw
 
+import vlm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("t_", "samples_per_s", "tokens_per_s")
 SUFFIX = " Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
@@ -33,6 +35,7 @@ def write_dataset(data_dir, domain, n, seed):
     ds.save_to_disk(os.path.join(data_dir, domain, "train"))
     return {"source": "test", "reward": "math", "role": "train",
             "splits": {"train": {"path": f"{domain}/train", "rows": n, "fingerprint": ds._fingerprint,
+                                 "files_sha256": vlm.split_files_sha256(os.path.join(data_dir, domain, "train")),
                                  "n_skipped": 0, "skipped": []}}}
 
 
