@@ -28,11 +28,11 @@ def eval_data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_reloads_and_evaluates(family, data_dir, eval_data_dir, tmp_path):
-    # No cold start: a random model earns no reward, so these steps run every part of the loop without moving
+    # From the random model: it earns no reward, so these steps run every part of the loop without moving
     # the weights; the gradients of each family are checked in test_train_grpo_units.py.
     out = tmp_path / "run"
-    train(data_dir, out, tmp_path / "cold", f"--init_from={family}", "--cold_start_steps=0", "--max_steps=3",
-          "--checkpoint_every=3", "--max_completion_length=8", "--log_samples_every=0")
+    train(data_dir, out, family, "--max_steps=3", "--checkpoint_every=3", "--max_completion_length=8",
+          "--log_samples_every=0")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert json.loads((out / "config.json").read_text())["start_from"] == family
     checkpoint = out / "ckpt-000003"
@@ -41,7 +41,7 @@ def test_family_trains_reloads_and_evaluates(family, data_dir, eval_data_dir, tm
     assert type(AutoModelForImageTextToText.from_pretrained(checkpoint)).__name__ == FAMILIES[family]
     # ... and for evaluate.py, which scores it on every test set of the manifest
     evaluate.main([str(checkpoint), "--data_dir", str(eval_data_dir), "--limit", "1"])
-    results = json.loads((out / "eval" / "ckpt-000003" / "results.json").read_text())
+    results = json.loads((out / "eval" / "ckpt-000003" / "limit-1" / "results.json").read_text())
     assert {name: bench["n"] for name, bench in results["benchmarks"].items()} == {
         "syn_count/test": 1, "syn_ground/test": 1, "chartqa/test": 1, "mmmu/val": 1}
 
