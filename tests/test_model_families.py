@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import evaluate
+import vllm_cpu_server
 import vlm
 from test_evaluate import write_test_sets
 from test_vllm_server import add_noise
@@ -52,7 +53,7 @@ def test_family_trains_reloads_and_evaluates(family, data_dir, eval_data_dir, tm
 def test_vllm_serves_the_family_as_the_trainer_generates(family, tmp_path):
     model, tokenizer, image_processor = vlm.load_policy(family)
     vlm.save_for_vllm(model, tokenizer, image_processor, tmp_path / "served")
-    process, url = vlm.start_cpu_server(tmp_path / "served", tmp_path / "vllm.log")
+    process, url = vllm_cpu_server.start_cpu_server(tmp_path / "served", tmp_path / "vllm.log")
     try:
         client = vlm.VLLMClient(url, image_processor, timeout=120)
         add_noise(model, 0.1, seed=1)  # a trained policy: its greedy tokens depend on the prompt and the image
@@ -69,4 +70,4 @@ def test_vllm_serves_the_family_as_the_trainer_generates(family, tmp_path):
         assert served == vlm.generate(model, tokenizer, batch, max_new_tokens=16, greedy=True)
         assert served[0] != served[1]  # same question, another image
     finally:
-        vlm.stop_server(process)
+        vllm_cpu_server.stop_server(process)
