@@ -736,6 +736,10 @@ def main(argv):
     config = parse_config(argv)
     globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
     cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate (1.15) shards only on accelerators: on CPU an FSDP launch fails in its plugin or runs unsharded
+        raise SystemExit("error: accelerate's FSDP needs GPUs; on CPU launch with torchrun or accelerate without "
+                         "config/accelerate_fsdp.yaml (README: Processes)")
     # bf16 autocast over fp32 master weights on GPU: a bf16 weight cannot absorb a 1e-6 update.
     # step_scheduler_with_optimizer=False: our schedule counts optimizer updates, not per-process batches.
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import train_grpo as tg
 import vlm
-from tiny_runs import metrics, train
+from tiny_runs import ROOT, metrics, train
 
 
 def test_three_steps_write_metrics_samples_and_change_weights(data_dir, cold_start_dir, tmp_path):
@@ -64,6 +64,17 @@ def test_two_processes_with_torchrun(data_dir, cold_start_dir, tmp_path):
     assert "random_states_0.pkl" in rng_files and "random_states_1.pkl" in rng_files
     config = json.loads((out / "config.json").read_text())
     assert config["processes"] == 2
+
+
+def test_fsdp_launch_on_cpu_is_a_clear_error(data_dir, tmp_path):
+    # accelerate 1.15 shards with FSDP only on accelerators; on CPU the shipped config would fail inside its plugin
+    # ("no available devices") or, without fsdp_sync_module_states, train unsharded as DDP while claiming FSDP
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  os.path.join(ROOT, "config", "accelerate_fsdp.yaml"), "--num_processes=2", "--main_process_port=29541"]
+    proc = train(data_dir, tmp_path / "run", "tiny", "--max_steps=1", launcher=accelerate, check=False)
+    assert proc.returncode != 0
+    assert "error: accelerate's FSDP needs GPUs" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_killed_run_resumes_to_the_same_metrics(data_dir, cold_start_dir, tmp_path):
