@@ -632,6 +632,8 @@ def step_metrics(step, gathered, grad_norms, lr, timings, vllm_logprobs):
     m["samples_per_s"] = len(all_scores) / timings["step"]
     m["tokens_per_s"] = sum(all_lengths) / timings["step"]
     m.update({f"t_{key}": seconds for key, seconds in timings.items()})
+    if torch.cuda.is_available():  # the main process's peak so far: what decides the batch a GPU can hold
+        m["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if vllm_logprobs:
         m["vllm_logprob_abs_diff"] = mean(d for g in gathered for d in g[6])
     return m

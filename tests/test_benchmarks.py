@@ -40,3 +40,27 @@ def test_our_side_times_full_length_completions(data_dir, cold_start_dir, tmp_pa
     assert set(run["split"]) == {"t_generate", "t_reward", "t_ref_old", "t_forward_backward", "t_optimizer", "t_step"}
     speed = grpo_vs_trl.throughput(run)
     assert abs(speed["samples_per_s"] - 12 / sum(run["step_s"])) < 1e-9
+
+
+def test_gpu_check_runs_every_stage_on_the_tiny_model(tmp_path):
+    # the prepared GPU check, end to end on CPU: 2 prompts x G 2 x 4 tokens (EOS held back), one timed step
+    import gpu_check
+    r = gpu_check.main(["--model", "tiny", "--steps", "2", "--completion_length", "4", "--num_generations", "2",
+                        "--eval_limit", "1", "--work_dir", str(tmp_path)])
+    step = r["seconds_per_step"]["step"]
+    assert r["steps_timed"] == 1 and r["completion_tokens_per_step"] == 16
+    assert abs(r["steps_per_s"] - 1 / step) < 1e-9 and abs(r["tokens_per_s"] - 16 / step) < 1e-6
+    assert abs(r["samples_per_s"] - 4 / step) < 1e-6
+    assert r["eval_items"] == 8 and r["eval_items_per_s"] > 0  # one item of each synthetic test set
+    text_params = 823808 - 241024  # the tiny model minus its vision tower
+    assert r["model_tflops_per_step"] * 1e12 > 10 * text_params * 16  # completions alone are a lower bound
+    assert r["gpu_peak_memory_gib"] is None and r["mfu"] is None  # no GPU here
+
+
+def test_gpu_check_knows_the_peak_of_the_gpus_it_is_meant_for():
+    import gpu_check
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_check.peak_flops("NVIDIA H200") == 989e12
+    assert gpu_check.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_check.peak_flops("Tesla T4") is None
