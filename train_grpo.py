@@ -651,8 +651,8 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
         start_step = step
         log(f"resumed from {folder} at step {step}")
         if accelerator.is_main_process:
-            truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step)
-            truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step)
+            truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step, log)
+            truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step, log)
     elif accelerator.is_main_process and find_checkpoints(out_dir):
         raise SystemExit(f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
     if accelerator.is_main_process:
@@ -662,12 +662,24 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
     return start_step
 
 
-def truncate_jsonl(path, last_step):
-    """Drop lines of steps after last_step (a resumed run rewrites them)."""
+def truncate_jsonl(path, last_step, log=print):
+    """Drop lines of steps after last_step (a resumed run rewrites them). A last line that is not JSON, a write
+    cut by a full disk or a kill, is dropped too (and said); an unreadable line before it is an error."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise SystemExit(f"error: {path} line {number} is not JSON; delete that line and resume again")
+            log(f"{path}: dropped its last line, cut while it was written: {line.strip()[:60]!r}")
+            break
+        if step <= last_step:
+            kept.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)

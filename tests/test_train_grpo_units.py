@@ -221,6 +221,19 @@ def test_last_good_checkpoint_skips_broken_ones(tmp_path):
     assert any("ckpt-000015" in m and "incomplete" in m for m in messages)
 
 
+def test_truncate_jsonl_drops_a_torn_last_line(tmp_path):
+    # the disk filled while step 5 was written: its line is cut and has no newline (issue 13, case 1)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 5)) + '{"step": 5, "loss": 0.2')
+    messages = []
+    tg.truncate_jsonl(str(path), 3, messages.append)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert len(messages) == 1 and "dropped its last line" in messages[0] and '{"step": 5' in messages[0]
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')  # a cut line before others: not a write in progress
+    with pytest.raises(SystemExit, match="metrics.jsonl line 2 is not JSON"):
+        tg.truncate_jsonl(str(path), 3, messages.append)
+
+
 def test_truncate_jsonl_drops_later_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
