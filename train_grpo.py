@@ -633,13 +633,11 @@ def append_jsonl(path, row):
 
 
 def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
-    """The step to start from: 0, or with resume the last complete checkpoint's, whose weights, optimizer,
-    scheduler and RNG states are loaded and after which metrics and samples are cut. Writes config.json."""
-    start_step = 0
-    if resume:
-        step, folder = last_good_checkpoint(out_dir, log)
-        if folder is None:
-            raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}")
+    """The step to start from: with resume the last complete checkpoint's, whose weights, optimizer, scheduler and
+    RNG states are loaded and after which metrics and samples are cut; else 0. A run stopped before its first
+    checkpoint is started over, with or without resume. Writes config.json."""
+    step, folder = last_good_checkpoint(out_dir, log) if resume else (None, None)
+    if folder is not None:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             saved = json.load(f)
         if saved["mixture_weights"] != run_info["mixture_weights"] or \
@@ -648,18 +646,35 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
                              "resume with the same settings or start a new out_dir")
         vlm.load_weights(accelerator.unwrap_model(model), folder)
         accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
-        start_step = step
         log(f"resumed from {folder} at step {step}")
         if accelerator.is_main_process:
             truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step, log)
             truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step, log)
-    elif accelerator.is_main_process and find_checkpoints(out_dir):
-        raise SystemExit(f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+    elif find_checkpoints(out_dir):
+        raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}" if resume else
+                         f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+    elif resume and not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        raise SystemExit(f"error: --resume but {out_dir} holds no run (no checkpoint, no metrics.jsonl)")
+    elif accelerator.is_main_process:
+        discard_unsaved_logs(out_dir, log)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         vlm.write_json_atomic(os.path.join(out_dir, "config.json"), run_info)
     accelerator.wait_for_everyone()
-    return start_step
+    return step if folder else 0
+
+
+def discard_unsaved_logs(out_dir, log):
+    """The logs of a run stopped before its first checkpoint hold steps no checkpoint can continue; a new run
+    starts over from step 1, so they go (appending to them would log steps 1, 2, 3, 1, 2, ...)."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    logged = sum(1 for line in open(metrics_path) if line.strip()) if os.path.isfile(metrics_path) else 0
+    for name in ("metrics.jsonl", "samples.jsonl", "metrics.png"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    if logged:
+        log(f"{out_dir} held {logged} logged step(s) of a run stopped before its first checkpoint: starting over "
+            "from step 1, its metrics.jsonl and samples.jsonl replaced")
 
 
 def truncate_jsonl(path, last_step, log=print):

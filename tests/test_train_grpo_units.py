@@ -261,3 +261,26 @@ def test_a_missing_start_model_is_a_one_line_error(tmp_path, monkeypatch):
         tg.load_start_model("out/cold_start", 0, 0, True)
     with pytest.raises(SystemExit, match="is not a folder: check --init_from"):
         tg.load_start_model(str(tmp_path / "no_such_model"), 0, 0, True)
+
+
+# --- starting and resuming ---
+
+def stopped_before_first_checkpoint(out):
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    (out / "samples.jsonl").write_text(json.dumps({"step": 2}) + "\n")
+    (out / "metrics.png").write_bytes(b"png")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, resume):
+    from accelerate import Accelerator
+    out = tmp_path / "run"
+    stopped_before_first_checkpoint(out)
+    messages = []
+    run_info = {"config": {"seed": 0}, "mixture_weights": {"a": 1.0}, "planned_steps": 10}
+    assert tg.start_or_resume(Accelerator(cpu=True), None, str(out), resume, run_info, messages.append) == 0
+    assert sorted(os.listdir(out)) == ["config.json"]  # the old steps are gone, so the new ones are not appended
+    assert any("held 3 logged step(s)" in m and "starting over from step 1" in m for m in messages)
+    with pytest.raises(SystemExit, match="holds no run"):
+        tg.start_or_resume(Accelerator(cpu=True), None, str(tmp_path / "empty"), True, run_info, messages.append)
