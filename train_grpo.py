@@ -644,6 +644,11 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
                 saved["planned_steps"] != run_info["planned_steps"]:
             raise SystemExit(f"error: {folder} was written by a run with another mixture or schedule; "
                              "resume with the same settings or start a new out_dir")
+        changed = changed_settings(saved["config"], run_info["config"])
+        if changed:  # refused before config.json is written: it only ever records settings that ran
+            raise SystemExit(f"error: --resume with settings the run in {out_dir} did not start with: "
+                             f"{', '.join(changed)}; a resumed run keeps its schedule, optimizer, reference model and "
+                             "RNG, so they cannot apply: resume with its settings (config.json) or start a new out_dir")
         vlm.load_weights(accelerator.unwrap_model(model), folder)
         accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
         log(f"resumed from {folder} at step {step}")
@@ -662,6 +667,19 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
         vlm.write_json_atomic(os.path.join(out_dir, "config.json"), run_info)
     accelerator.wait_for_everyone()
     return step if folder else 0
+
+
+# Settings a resumed run may change: where things are, logging, and how rollouts are served. The mixture and
+# max_steps may be spelled differently as long as the weights and the number of steps stay (checked apart).
+RESUMABLE = {"out_dir", "data_dir", "resume", "checkpoint_every", "log_samples_every", "wandb_log", "wandb_project",
+             "wandb_run_name", "rollout_engine", "vllm_url", "vllm_timeout", "vllm_retries", "vllm_sync_every",
+             "vllm_sync_dir", "vllm_logprobs", "mixture", "mixture_proposal", "max_steps"}
+
+
+def changed_settings(saved, current):
+    """'name old -> new' of each setting that differs from the checkpoint's and cannot change on a resume."""
+    return [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(saved.keys() & current.keys())
+            if key not in RESUMABLE and saved[key] != current[key]]
 
 
 def discard_unsaved_logs(out_dir, log):
