@@ -173,6 +173,8 @@ def parse_config(argv):
                          ("reward_format_mode", ("strict", "lenient"))]:
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
+    if config["max_steps"] < 0:
+        raise SystemExit(f"error: max_steps must be >= 0 (0: until a domain is exhausted), got {config['max_steps']}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
     if config["rollout_engine"] not in ("hf", "vllm"):
@@ -229,6 +231,12 @@ def resolve_mixture(spec, proposal, domains):
     if total <= 0:
         raise SystemExit("error: mixture weights are all zero")
     return {d: raw[d] / total for d in sorted(raw) if raw[d] > 0}
+
+
+def describe_mixture(weights, domains, data_dir):
+    """The line that says what a run trains on: a manifest left short by a killed prepare_data.py shows here."""
+    shares = ", ".join(f"{d} {w:.3g}" for d, w in weights.items())
+    return f"training on {len(weights)} of the {len(domains)} training domain(s) in {data_dir}: {shares}"
 
 
 def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
@@ -766,6 +774,7 @@ def main(argv):
     # data: the mixture, and the (domain, row) of every prompt of every step, fixed by the seed
     manifest = vlm.load_manifest(data_dir)
     weights = resolve_mixture(mixture, mixture_proposal, training_domains(manifest))
+    log(describe_mixture(weights, training_domains(manifest), data_dir))
     datasets = {d: load_train_split(data_dir, manifest, d) for d in weights}
     schedule = build_schedule(weights, {d: len(ds) for d, ds in datasets.items()}, prompts_per_step, max_steps,
                               sampling, seed)

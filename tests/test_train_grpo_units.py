@@ -160,6 +160,14 @@ def test_resolve_mixture_bad_input(spec, message):
         tg.resolve_mixture(spec, "", ["a", "b"])
 
 
+def test_the_domains_trained_on_are_said():
+    # a data dir left by a killed prepare_data.py lists one domain: uniform trains on it alone, and says so
+    assert tg.describe_mixture(tg.resolve_mixture("uniform", "", ["syn_count"]), ["syn_count"], "data") == \
+        "training on 1 of the 1 training domain(s) in data: syn_count 1"
+    assert tg.describe_mixture({"a": 0.75, "b": 0.25}, ["a", "b", "c"], "d") == \
+        "training on 2 of the 3 training domain(s) in d: a 0.75, b 0.25"
+
+
 def test_parse_config_overrides_in_order(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"learning_rate": 1e-6, "max_steps": 7, "mixture": {"a": 1}}))
@@ -175,6 +183,7 @@ def test_parse_config_overrides_in_order(tmp_path):
     (["--loss_type=mean"], "loss_type must be one of"),
     (["--sampling=with_replacement", "--max_steps=0"], "never runs out"),
     (["--num_generations=1"], "num_generations must be >= 2"),
+    (["--max_steps=-3"], r"max_steps must be >= 0 \(0: until a domain is exhausted\), got -3"),
     (["/no/such/config.json"], "cannot read config file"),
 ])
 def test_parse_config_bad_input(argv, message):
