@@ -353,25 +353,45 @@ def last_good_checkpoint(out_dir, log):
 
 
 def save_checkpoint(accelerator, model, tokenizer, image_processor, out_dir, step, state):
-    """Weights as a save_pretrained folder, optimizer/scheduler/RNG of every process under trainer/."""
+    """Weights as a save_pretrained folder, optimizer/scheduler/RNG of every process under trainer/. A write that
+    fails (a full disk) stops every process with a message about space; the last complete checkpoint stays."""
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".partial"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(tmp, "trainer"))  # every process writes its RNG state
+    error = None
+    try:
+        accelerator.save_state(os.path.join(tmp, "trainer"))  # every process writes its RNG state
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        error = e
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; a collective
-    if accelerator.is_main_process:
-        vlm.save_policy(accelerator.unwrap_model(model), tokenizer, image_processor, tmp, state_dict=state_dict)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        vlm.write_checksums(tmp)
-        if os.path.isdir(final):  # re-saving a step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and error is None:
+        try:
+            vlm.save_policy(accelerator.unwrap_model(model), tokenizer, image_processor, tmp, state_dict=state_dict)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+            vlm.write_checksums(tmp)
+            if os.path.isdir(final):  # re-saving a step after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except (OSError, RuntimeError) as e:
+            error = e
+    stop_if_any_failed(accelerator, error and checkpoint_write_failure(final, tmp, model, error))
     return final
+
+
+def checkpoint_write_failure(final, tmp, model, error):
+    """The message for a checkpoint write that failed, after the partial folder is removed to give the space back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(os.path.dirname(final) or ".").free
+    # weights + AdamW's two moments of the trained ones; the tokenizer and RNG states are small
+    need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters())
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"writing checkpoint {final} failed ({reason}); the disk holding it has {free / 2**20:.0f} MiB free and "
+            f"a checkpoint takes about {need / 2**20:.0f} MiB: free some space (or move out_dir) and rerun with "
+            "--resume; the last complete checkpoint is kept")
 
 
 def skip_model_weights_in_trainer_state(accelerator):
