@@ -204,22 +204,18 @@ def resolve_mixture(spec, proposal, domains):
         raw = {d: 1.0 for d in domains}
     else:
         if spec.lstrip().startswith("{"):
-            raw, where = json.loads(spec), "--mixture"
+            try:
+                raw, where = json.loads(spec), "--mixture"
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: --mixture is not valid JSON ({e}); write it as "
+                                 """'{"syn_count": 2, "syn_ground": 1}'""")
         else:
             try:
                 with open(spec) as f:
                     raw, where = json.load(f), spec
             except (OSError, json.JSONDecodeError) as e:
                 raise SystemExit(f"error: cannot read mixture file {spec}: {e}")
-        if "proposals" in raw:  # predict_mixture.py output
-            proposals = raw["proposals"]
-            chosen = [p for p in proposals if p.get("name") == proposal] if proposal else proposals[:1]
-            if not chosen:
-                names = [p.get("name") for p in proposals]
-                raise SystemExit(f"error: no proposal named {proposal!r} in {spec}; it has {names}")
-            raw = chosen[0]["mixture"]
-        elif "mixture" in raw and isinstance(raw["mixture"], dict):  # a run's config.json
-            raw = raw["mixture"]
+        raw = mixture_weights_of(raw, proposal, where)
         unknown = sorted(set(raw) - set(domains))
         if unknown:
             raise SystemExit(f"error: mixture ({where}) names unknown domain(s) {unknown}; "
@@ -237,6 +233,27 @@ def describe_mixture(weights, domains, data_dir):
     """The line that says what a run trains on: a manifest left short by a killed prepare_data.py shows here."""
     shares = ", ".join(f"{d} {w:.3g}" for d, w in weights.items())
     return f"training on {len(weights)} of the {len(domains)} training domain(s) in {data_dir}: {shares}"
+
+
+def mixture_weights_of(raw, proposal, where):
+    """The {domain: weight} object of a mixture file: itself, a mixtures.json's chosen proposal (predict_mixture.py)
+    or a run's config.json's "mixture"; anything else is an error naming the file."""
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: mixture ({where}) must be a JSON object {{domain: weight}}, got "
+                         f"{type(raw).__name__} {json.dumps(raw)[:60]}")
+    if "proposals" in raw:  # predict_mixture.py output
+        proposals = [p for p in raw["proposals"] if isinstance(p, dict)] if isinstance(raw["proposals"], list) else []
+        chosen = [p for p in proposals if p.get("name") == proposal] if proposal else proposals[:1]
+        if not chosen:
+            names = [p.get("name") for p in proposals]
+            raise SystemExit(f"error: no proposal named {proposal!r} in {where}; it has {names}")
+        if not isinstance(chosen[0].get("mixture"), dict):
+            raise SystemExit(f"error: proposal {chosen[0].get('name')!r} in {where} has no \"mixture\" object "
+                             "{domain: weight}; rerun predict_mixture.py")
+        return chosen[0]["mixture"]
+    if "mixture" in raw and isinstance(raw["mixture"], dict):  # a run's config.json
+        return raw["mixture"]
+    return raw
 
 
 def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
@@ -660,6 +677,21 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+def check_out_dir(out_dir):
+    """out_dir exists (made if missing) and takes a file: a file in its place or a read-only place is a one-line
+    error at start, not after the model has loaded."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir={out_dir} is a file, not a folder: choose another --out_dir")
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir} is not writable ({e.strerror}): choose another --out_dir")
+
+
 def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
     """The step to start from: with resume the last complete checkpoint's, whose weights, optimizer, scheduler and
     RNG states are loaded and after which metrics and samples are cut; else 0. A run stopped before its first
@@ -790,6 +822,7 @@ def main(argv):
                               step_scheduler_with_optimizer=False)
     rank, world, log = accelerator.process_index, accelerator.num_processes, accelerator.print
     master = accelerator.is_main_process
+    check_out_dir(out_dir)  # before anything slow loads
 
     # data: the mixture, and the (domain, row) of every prompt of every step, fixed by the seed
     manifest = vlm.load_manifest(data_dir)

@@ -169,3 +169,11 @@ def test_wandb_log_gets_every_metrics_line_offline(data_dir, cold_start_dir, tmp
     for row, line in zip(logged, lines):
         assert row["_step"] == line["step"]
         assert {k: row[k] for k in line} == line  # every field, timings too, as metrics.jsonl has it
+
+
+def test_an_out_dir_that_is_a_file_stops_the_run_before_anything_loads(data_dir, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    proc = train(data_dir, tmp_path / "run", tmp_path / "no_such_model", "--max_steps=1", check=False)
+    # the out_dir error comes first: neither the data nor the (missing) start model was looked at
+    assert proc.returncode == 1 and "is a file, not a folder" in proc.stderr and "init_from" not in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback

@@ -154,6 +154,7 @@ def test_resolve_mixture_forms(tmp_path):
     ('{"a": 0, "b": 0}', "all zero"),
     ('{"a": "x"}', "finite number >= 0"),
     ("/no/such/mixture.json", "cannot read mixture file"),
+    ('{"a": 1,', r"--mixture is not valid JSON \(.*\); write it as '\{"),
 ])
 def test_resolve_mixture_bad_input(spec, message):
     with pytest.raises(SystemExit, match=message):
@@ -166,6 +167,29 @@ def test_the_domains_trained_on_are_said():
         "training on 1 of the 1 training domain(s) in data: syn_count 1"
     assert tg.describe_mixture({"a": 0.75, "b": 0.25}, ["a", "b", "c"], "d") == \
         "training on 2 of the 3 training domain(s) in d: a 0.75, b 0.25"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("3", r"must be a JSON object \{domain: weight\}, got int 3"),
+    ('["a", "b"]', r"must be a JSON object \{domain: weight\}, got list"),
+    ('{"proposals": [{"name": "p1"}]}', "proposal 'p1' in .*mixtures.json has no \"mixture\" object"),
+    ('{"proposals": 5}', "no proposal named '' in"),
+])
+def test_mixture_files_of_the_wrong_shape_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "mixtures.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        tg.resolve_mixture(str(path), "", ["a", "b"])
+
+
+def test_out_dir_that_is_a_file_or_not_writable_is_an_error(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit, match="out_dir=.*taken is a file, not a folder"):
+        tg.check_out_dir(str(tmp_path / "taken"))
+    with pytest.raises(SystemExit, match=r"out_dir=/proc/modomodo_run is not writable \(.+\)"):
+        tg.check_out_dir("/proc/modomodo_run")  # a place no one can write, even root
+    tg.check_out_dir(str(tmp_path / "new" / "run"))
+    assert os.listdir(tmp_path / "new" / "run") == []  # made, and the probe file removed
 
 
 def test_parse_config_overrides_in_order(tmp_path):
