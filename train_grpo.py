@@ -411,6 +411,25 @@ def checkpoint_write_failure(final, tmp, model, error):
             "--resume; the last complete checkpoint is kept")
 
 
+def rng_state_problem(trainer_dir, rank):
+    """None if this process's RNG state in a checkpoint loads, else why not. accelerate's load_state only logs a
+    state it cannot load (at INFO) and goes on with the current RNG, so the resumed run silently diverges from the
+    uninterrupted one; the same load and the same setstate calls, on throwaway generators, run here first."""
+    import random
+    from accelerate.utils import load
+    path = os.path.join(trainer_dir, f"random_states_{rank}.pkl")
+    try:
+        states = load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as e:  # whatever stops accelerate from restoring it
+        return (f"the RNG state {path} cannot be loaded ({type(e).__name__}: {str(e).strip()[:200]}); resuming without "
+                "it would not replay the interrupted run: resume from an earlier checkpoint (move this one away) or "
+                "start a new out_dir")
+    return None
+
+
 def skip_model_weights_in_trainer_state(accelerator):
     """accelerate's save_state/load_state would store the weights a second time; save_pretrained has them."""
     accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
@@ -710,6 +729,7 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
                              f"{', '.join(changed)}; a resumed run keeps its schedule, optimizer, reference model and "
                              "RNG, so they cannot apply: resume with its settings (config.json) or start a new out_dir")
         vlm.load_weights(accelerator.unwrap_model(model), folder)
+        stop_if_any_failed(accelerator, rng_state_problem(os.path.join(folder, "trainer"), accelerator.process_index))
         accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
         log(f"resumed from {folder} at step {step}")
         if accelerator.is_main_process:

@@ -336,3 +336,19 @@ def test_resume_refuses_settings_that_cannot_apply_and_keeps_config_json(tmp_pat
     # where things are, logging and rollout serving may change; a setting an older version had is ignored
     assert tg.changed_settings(started, tg.parse_config(["--checkpoint_every=5", "--vllm_timeout=9"])) == []
     assert tg.changed_settings({"cold_start_steps": 300, "beta": 0.04}, {"beta": 0.0}) == ["beta 0.04 -> 0.0"]
+
+
+def test_an_rng_state_that_does_not_load_is_an_error_not_a_silent_divergence(tmp_path):
+    import pickle
+    import random
+    states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+              "torch_manual_seed": torch.get_rng_state()}  # what accelerate's save_state writes
+    torch.save(states, tmp_path / "random_states_0.pkl")
+    assert tg.rng_state_problem(str(tmp_path), 0) is None
+    data = (tmp_path / "random_states_0.pkl").read_bytes()
+    (tmp_path / "random_states_0.pkl").write_bytes(data[:len(data) // 2])  # cut
+    problem = tg.rng_state_problem(str(tmp_path), 0)
+    assert "random_states_0.pkl cannot be loaded" in problem and "resume from an earlier checkpoint" in problem
+    (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"random_state": "not a state"}))
+    assert "cannot be loaded" in tg.rng_state_problem(str(tmp_path), 0)
+    assert "cannot be loaded (FileNotFoundError" in tg.rng_state_problem(str(tmp_path), 1)
