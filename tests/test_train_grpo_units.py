@@ -349,6 +349,6 @@ def test_an_rng_state_that_does_not_load_is_an_error_not_a_silent_divergence(tmp
     (tmp_path / "random_states_0.pkl").write_bytes(data[:len(data) // 2])  # cut
     problem = tg.rng_state_problem(str(tmp_path), 0)
     assert "random_states_0.pkl cannot be loaded" in problem and "resume from an earlier checkpoint" in problem
-    (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"random_state": "not a state"}))
+    (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"random_state": "not a state"}, protocol=2))
     assert "cannot be loaded" in tg.rng_state_problem(str(tmp_path), 0)
     assert "cannot be loaded (FileNotFoundError" in tg.rng_state_problem(str(tmp_path), 1)
