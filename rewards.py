@@ -14,8 +14,10 @@ detection  [0, 1]   boxes matched greedily by confidence (IoU > 0.5): sum of mat
 
 Each domain has one accuracy reward (weight 2.0) and the format reward (weight 1.0), the paper's weights, so a
 total lies in [0, 3]. Solutions are the records' `solution` strings; malformed ones raise SolutionError.
-The record's meta carries `box_convention` ("pixel", default, or "qwen1000": Qwen2-VL's 0-1000 grid, scaled by
-`image_size` / 1000 before IoU), `image_size` [w, h], and `options` {"A": "text", ...} for multiple choice.
+The record's meta carries `box_convention` ("pixel", default: solution and answers in pixels of the stored image;
+or "qwen1000": both on the 0-1000 grid of the image that Qwen2-VL answers on and the paper's LISA and COCO give;
+IoU is the same on either, since it does not change when an axis is scaled), `image_size` [w, h], and `options`
+{"A": "text", ...} for multiple choice.
 
 Options of score() (also keywords of the reward functions that use them):
 - format_mode: "strict" (default; the official code's form, a newline after/before every tag) or "lenient"
@@ -456,20 +458,12 @@ def iou(a, b):
     return min(1.0, value) if math.isfinite(value) else 0.0  # min: rounding can exceed 1 by an ulp
 
 
-def _to_pixels(box, meta):
-    """A predicted box in pixels of the stored image (Qwen2-VL answers on a 0-1000 grid)."""
-    if meta.get("box_convention", "pixel") == "pixel":
-        return box
-    width, height = meta["image_size"]
-    return (box[0] * width / 1000, box[1] * height / 1000, box[2] * width / 1000, box[3] * height / 1000)
-
-
-def _iou_score(answer, truth_box, meta, iou_threshold):
+def _iou_score(answer, truth_box, iou_threshold):
     boxes = _predicted_boxes(answer) if answer is not None else []
     if not boxes:
         return 0.0
     box = max(boxes, key=lambda pair: _rank(pair[1]))[0]  # the most confident; ties: the first
-    value = iou(_to_pixels(box, meta), truth_box)
+    value = iou(box, truth_box)
     return value if iou_threshold is None else float(value > iou_threshold)
 
 
@@ -488,17 +482,17 @@ def iou_reward(completion, solution, meta=None, *, iou_threshold=None):
     _check_iou_threshold(iou_threshold)
     meta = _check_meta(meta, "iou")
     truth = _parse_truth("iou", solution, meta, "iou")
-    return _iou_score(extract_answer(completion), truth, meta, iou_threshold)
+    return _iou_score(extract_answer(completion), truth, iou_threshold)
 
 
-def _detection_score(answer, truth_boxes, meta):
+def _detection_score(answer, truth_boxes):
     if answer is None:
         return 0.0
     predicted, seen = [], set()
     for box, confidence in _predicted_boxes(answer):  # duplicates removed, the first kept (as Visual-RFT)
         if box not in seen:
             seen.add(box)
-            predicted.append((_to_pixels(box, meta), _rank(confidence)))
+            predicted.append((box, _rank(confidence)))
     if not truth_boxes:  # the truth is "No Objects": right when nothing is detected
         return 1.0 if not predicted else 0.0
     predicted.sort(key=lambda pair: -pair[1])  # stable: equal confidences keep answer order
@@ -524,7 +518,7 @@ def detection_reward(completion, solution, meta=None):
     A "No Objects" truth scores 1.0 when no box is predicted."""
     meta = _check_meta(meta, "detection")
     truth = _parse_truth("detection", solution, meta, "detection")
-    return _detection_score(extract_answer(completion), truth, meta)
+    return _detection_score(extract_answer(completion), truth)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,8 +547,6 @@ def _check_meta(meta, where):
     if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
                                  and all(_is_number(v) and v > 0 for v in size)):
         raise SolutionError(f"{where}: meta image_size must be [width, height] > 0, got {_short(size)}")
-    if convention == "qwen1000" and size is None:
-        raise SolutionError(f"{where}: meta box_convention 'qwen1000' needs image_size to convert boxes")
     options = meta.get("options")
     if options is not None and not (isinstance(options, dict)
                                     and all(k in LETTERS and isinstance(v, str) for k, v in options.items())):
@@ -573,10 +565,11 @@ def _truth_box(value, meta, where, solution):
     x1, y1, x2, y2 = map(float, value)
     if x2 <= x1 or y2 <= y1:
         raise SolutionError(f"{where}: solution {_short(solution)} has an empty or inverted box {_short(value)}")
-    size = meta.get("image_size")
-    if size is not None and (x1 < -1 or y1 < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):  # 1 px for rounding
-        raise SolutionError(f"{where}: solution {_short(solution)} has a box {_short(value)} outside the "
-                            f"{size[0]}x{size[1]} image (solution boxes are pixels of the stored image)")
+    on_grid = meta.get("box_convention", "pixel") == "qwen1000"
+    size = (1000, 1000) if on_grid else meta.get("image_size")
+    if size is not None and (x1 < -1 or y1 < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):  # 1 unit for rounding
+        where_ = "the 0-1000 grid" if on_grid else f"the {size[0]}x{size[1]} image"
+        raise SolutionError(f"{where}: solution {_short(solution)} has a box {_short(value)} outside {where_}")
     return (x1, y1, x2, y2)
 
 
@@ -676,8 +669,8 @@ def _accuracy(name, answer, truth, meta, iou_threshold):
     if name == "math":
         return _math_score(answer, truth)
     if name == "iou":
-        return _iou_score(answer, truth, meta, iou_threshold)
-    return _detection_score(answer, truth, meta)
+        return _iou_score(answer, truth, iou_threshold)
+    return _detection_score(answer, truth)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -172,7 +172,9 @@ BOX = "<answer>[10, 10, 50, 50]</answer>"
     ("[{'Position': [0, 0, 5, 5], 'Confidence': 0.2},\n {'Position': [10, 10, 50, 50], 'Confidence': 0.9}]",
      "[{'Position': [10, 10, 50, 50], 'Confidence': 1}]", None, 1.0),  # the most confident box
     ('[{"bbox_2d": [10, 10, 50, 50], "label": "dog"}]', BOX, None, 1.0),  # Qwen2.5-VL's own JSON
-    ("[50, 100, 250, 500]", BOX, {"box_convention": "qwen1000", "image_size": [200, 100]}, 1.0),  # 0-1000 grid
+    # the 0-1000 grid (LISA): answer and solution on it; the grid box of 1000 past a 200x100 image is in range
+    ("[50, 100, 250, 500]", "[50, 100, 250, 500]", {"box_convention": "qwen1000", "image_size": [200, 100]}, 1.0),
+    ("[0, 0, 500, 1000]", "[0, 0, 1000, 1000]", {"box_convention": "qwen1000", "image_size": [200, 100]}, 0.5),
 ])
 def test_iou_reward(answer, solution, meta, expected):
     assert iou_reward(formatted(answer), solution, meta) == pytest.approx(expected)
@@ -221,10 +223,10 @@ def test_detection_reward(answer, solution, expected):
     assert detection_reward(formatted(answer), solution) == pytest.approx(expected)
 
 
-def test_detection_converts_the_qwen_grid():
+def test_detection_compares_on_the_qwen_grid():
     meta = {"box_convention": "qwen1000", "image_size": [200, 100]}
-    assert detection_reward(formatted("[[50, 100, 250, 500]]"), "[[10, 10, 50, 50]]", meta) == 1.0
-    assert detection_reward(formatted("[[10, 10, 50, 50]]"), "[[10, 10, 50, 50]]", meta) == 0.0
+    assert detection_reward(formatted("[[50, 100, 250, 500]]"), "[[50, 100, 250, 500]]", meta) == 1.0
+    assert detection_reward(formatted("[[10, 20, 50, 100]]"), "[[50, 100, 250, 500]]", meta) == 0.0
 
 
 def test_iou_is_symmetric_and_guards_degenerate_boxes():
@@ -296,7 +298,8 @@ def test_score_rejects_what_is_not_the_models_fault():
     ("[{'Box': [1, 1, 5, 5]}]", "syn_detect", None, "syn_detect: solution .* has an object without 'Position'"),
     ("[[5, 5, 1, 1]]", "coco", None, "coco: solution .* has an empty or inverted box"),
     ("[[0, 0, 300, 50]]", "coco", {"image_size": [200, 100]}, "coco: solution .* outside the 200x100 image"),
-    ("[[0, 0, 5, 5]]", "coco", {"box_convention": "qwen1000"}, "coco: meta box_convention 'qwen1000' needs image_size"),
+    ("[[0, 0, 1200, 5]]", "coco", {"box_convention": "qwen1000", "image_size": [2000, 100]},
+     r"coco: solution .* outside the 0-1000 grid"),
     ("[[0, 0, 5, 5]]", "coco", {"box_convention": "normalized"}, "coco: meta box_convention 'normalized' is not"),
     ("[[0, 0, 5, 5]]", "coco", {"image_size": [0, 10]}, r"coco: meta image_size must be \[width, height\] > 0"),
     (5, "geoqa", None, "geoqa: solution must be a string, got 5"),
