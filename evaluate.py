@@ -21,7 +21,11 @@ test-size-weighted means over those sets, as the paper computes them. The model'
 <answer>...</answer> tag (the prompts ask for one), else its whole completion. Metrics:
 - every domain of rewards.py (the paper's LISA, SAT, ScienceQA and the whole synthetic suite): that domain's accuracy
   reward (LISA: IoU, so the set's score is the mean IoU; SAT, ScienceQA: choice accuracy), scored on the answer alone,
-  never gated on the format reward: a metric measures the answer, not the layout.
+  never gated on the format reward: a metric measures the answer, not the layout. --reward_mode official: the
+  official code's accuracy rewards instead (metric names "<reward>_official"), on the whole completion (LISA then
+  scores IoU only above 0.5, and only a one-line <answer> tag is read; rewards.py lists every difference). The
+  official evaluation ran these sets in a fork of lmms-eval whose task code we could not read; its training
+  rewards are the official scoring we can reproduce.
 - relaxed_accuracy (ChartQA): a number within 5 % of a numeric reference, else case-insensitive exact match
   (Methani et al. 2020, as ChartQA and lmms-eval define it).
 - anls (InfoVQA): average normalised Levenshtein similarity, threshold 0.5, best over the reference answers.
@@ -285,10 +289,22 @@ def accuracy_reward(domain):
     return next(name for name, _ in rewards.DOMAIN_REWARDS[domain] if name != "format")
 
 
+OFFICIAL = "_official"  # a rewards.py metric scored as the official code scores it (--reward_mode official)
+
+
+def text_to_score(metric, completion):
+    """What a metric reads: the whole completion for the official rewards (they find the answer their own way),
+    else the answer (answer_of)."""
+    return completion if metric.endswith(OFFICIAL) else answer_of(completion)
+
+
 def score_answer(metric, answer, solution, domain, meta):
-    """(parsed answer, score) of one answer under a set's metric."""
+    """(parsed answer, score) of one answer (text_to_score) under a set's metric."""
     if metric in BENCHMARK_METRICS:
         return BENCHMARK_METRICS[metric](answer, solution, meta)
+    if metric.endswith(OFFICIAL):
+        scores = rewards.score(answer, solution, domain, meta, reward_mode="official")
+        return rewards.official_answer(answer), scores[metric[:-len(OFFICIAL)]]
     # rewards.py reads the answer from <answer> tags; the tags are put back around the answer we read, and the
     # format reward is ignored (gate_on_format=False).
     scores = rewards.score(f"<answer>{answer}</answer>", solution, domain, meta, gate_on_format=False)
@@ -302,19 +318,19 @@ TestSet = namedtuple("TestSet", "name domain split path rows fingerprint metric 
 RECORD_COLUMNS = ("id", "domain", "image", "problem", "solution", "meta")
 
 
-def metric_of(domain, entry, exact_match):
+def metric_of(domain, entry, exact_match, reward_mode="ours"):
     """The metric of a domain: the manifest's "reward" field names a BENCHMARK_METRICS entry or a rewards.py domain."""
     name = entry.get("reward", domain)
     if name in BENCHMARK_METRICS:
         return "exact_match" if exact_match else name
     if name in rewards.DOMAIN_REWARDS:
-        return accuracy_reward(name)
+        return accuracy_reward(name) + (OFFICIAL if reward_mode == "official" else "")
     known = sorted(BENCHMARK_METRICS) + sorted(rewards.DOMAIN_REWARDS)
     raise SystemExit(f"error: manifest domain {domain!r} has reward {name!r}, which is neither an evaluate.py metric "
                      f"nor a rewards.py domain ({', '.join(known)})")
 
 
-def open_test_sets(data_dir, names=None, exact_match=False):
+def open_test_sets(data_dir, names=None, exact_match=False, reward_mode="ours"):
     """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
     from datasets import load_from_disk
     manifest_path = os.path.join(data_dir, "manifest.json")
@@ -356,7 +372,7 @@ def open_test_sets(data_dir, names=None, exact_match=False):
         if len(set(columns["id"])) != len(dataset):
             raise SystemExit(f"error: {path} has repeated ids; every record needs its own")
         sets.append(TestSet(name, domain, split, path, info["rows"], info.get("fingerprint"),
-                            metric_of(domain, entry, exact_match), roles[name], dataset))
+                            metric_of(domain, entry, exact_match, reward_mode), roles[name], dataset))
     return sets
 
 
@@ -640,7 +656,7 @@ def score_sets(sets, rows_of, completions):
             completion = completions.get((s.name, record_id))
             if completion is None:
                 raise RuntimeError(f"no completion for {s.name} record {record_id} after generation")
-            parsed, score = score_answer(s.metric, answer_of(completion), solution, s.domain, meta)
+            parsed, score = score_answer(s.metric, text_to_score(s.metric, completion), solution, s.domain, meta)
             scores.append(score)
             predictions.append({"set": s.name, "id": record_id, "completion": completion, "answer": parsed,
                                 "solution": solution, "score": score})
@@ -814,6 +830,10 @@ def parse_args(argv):
     p.add_argument("--exact_match", action="store_true",
                    help="score the benchmarks by plain exact match with a reference answer (the paper's reporting) "
                         "instead of relaxed accuracy / ANLS / MathVista and MMMU matching")
+    p.add_argument("--reward_mode", choices=rewards.REWARD_MODES, default="ours",
+                   help="official: score LISA, SAT, ScienceQA (and the synthetic sets) with the official code's "
+                        "reward functions on the whole completion, as training with reward_mode=official does "
+                        "(default ours: rewards.py's readers on the answer)")
     p.add_argument("--stepavg_steps", default="",
                    help="comma-separated steps the StepAvg averages, e.g. 500,1500,2000 (default: every evaluated "
                         "checkpoint of the run)")
@@ -857,7 +877,8 @@ def main(argv=None):
             print(message, flush=True)
 
     models = resolve_models(args.models, args.out_dir)
-    sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match)
+    sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match,
+                          args.reward_mode)
     log(f"{len(models)} model(s) x {len(sets)} set(s) ({', '.join(f'{s.name} {s.role} {s.metric}' for s in sets)}), "
         f"{world} process(es) on {device}")
     rows_of = {s.name: scoring_columns(s, args.limit) for s in sets}

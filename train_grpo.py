@@ -82,8 +82,13 @@ beta = 0.04                       # k3 KL coefficient; 0 loads no reference mode
 scale_rewards = True              # divide advantages by the group std (False: Dr. GRPO)
 loss_type = "token"               # "token": mean over the micro-batch's tokens (paper) | "sequence" | "dr_grpo"
 num_iterations = 1                # mu: optimizer updates per batch of rollouts
+reward_mode = "ours"              # "ours" | "official": score exactly as the official code (rewards.py's docstring
+                                  # lists the differences; the three reward_* settings below then do not apply)
+reward_weights = ""               # the official YAML's reward_weights by name, e.g. '{"format": 1.0, "iou": 2.0}'
+                                  # ("": accuracy 2.0, format 1.0, the paper's)
 reward_gate_on_format = True      # a failed format zeroes every reward (paper); False: the official code
 reward_format_mode = "strict"     # "strict" (official regex) | "lenient"
+reward_iou_threshold = 0.0        # 0: grounding reward is the IoU; e.g. 0.5: 1 when IoU > 0.5 (VLM-R1's)
 # optimizer: AdamW, linear warm-up then linear decay
 learning_rate = 3e-4              # paper: 1e-6
 weight_decay = 0.0
@@ -155,9 +160,14 @@ def parse_config(argv):
                     set_config(config, key, value, arg)
     for key, allowed in [("sampling", ("interleave_under", "with_replacement")),
                          ("loss_type", ("token", "sequence", "dr_grpo")),
-                         ("reward_format_mode", ("strict", "lenient"))]:
+                         ("reward_format_mode", ("strict", "lenient")),
+                         ("reward_mode", rewards.REWARD_MODES)]:
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
+    try:
+        scoring_options(config)
+    except ValueError as e:  # a bad reward_weights or reward_iou_threshold
+        raise SystemExit(f"error: {e}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
     if config["rollout_engine"] not in ("hf", "vllm"):
@@ -591,9 +601,18 @@ def lr_lambda(warmup, total):
     return factor
 
 
+def scoring_options(config):
+    """rewards.score's keywords from the reward_* settings; ValueError names a bad one."""
+    threshold = config["reward_iou_threshold"] or None
+    rewards.check_iou_threshold(threshold)
+    return dict(reward_mode=config["reward_mode"], reward_weights=rewards.read_reward_weights(config["reward_weights"]),
+                gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"],
+                iou_threshold=threshold)
+
+
 def score_completions(texts, records, config):
     """rewards.score of each completion against the record it answers."""
-    options = dict(gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"])
+    options = scoring_options(config)
     return [rewards.score(text, solution, domain, meta, **options)
             for text, (_, _, solution, domain, meta) in zip(texts, records)]
 

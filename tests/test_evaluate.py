@@ -162,6 +162,22 @@ def test_rewards_domains_score_the_answer_not_the_format():
     assert evaluate.accuracy_reward("lisa") == "iou"
 
 
+def test_official_reward_mode_scores_the_whole_completion_as_the_official_code():
+    assert evaluate.metric_of("sat", {"reward": "sat"}, False) == "choice"
+    assert evaluate.metric_of("sat", {"reward": "sat"}, False, "official") == "choice_official"
+    assert evaluate.metric_of("chartqa", {"reward": "relaxed_accuracy"}, False, "official") == "relaxed_accuracy"
+
+    def both(completion, solution, domain, metric):
+        return [evaluate.score_answer(m, evaluate.text_to_score(m, completion), solution, domain, {})
+                for m in (metric, metric + "_official")]
+    # the official letter reader takes the article of "A cat" for the option A
+    assert both("<think>\nx\n</think>\n<answer>\nA cat\n</answer>", "<answer>A</answer>", "sat", "choice") == \
+        [("A cat", 0.0), ("<think>\nx\n</think>\n<answer>\nA cat\n</answer>", 1.0)]
+    # a plain box is no answer to the official detection reward (it needs Position/Confidence objects)
+    assert both("<think>\nx\n</think><answer>[20, 20, 60, 52]</answer>", "[20, 20, 60, 60]", "lisa", "iou") == \
+        [("[20, 20, 60, 52]", pytest.approx(0.8)), ("[20, 20, 60, 52]", 0.0)]
+
+
 def test_weighted_score_is_size_weighted():
     benchmarks = {"a/test": {"score": 0.5, "n": 100, "role": "in"}, "b/test": {"score": 1.0, "n": 300, "role": "in"},
                   "c/test": {"score": 0.2, "n": 10, "role": "out"}}

@@ -369,3 +369,82 @@ def test_cli_reports_bad_input_clearly():
     assert done.returncode == 2 and "--meta is not JSON" in done.stderr
     done = run_cli("--help")
     assert done.returncode == 0 and "syn_colorcount  math x2, format x1" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reward_mode="official": the same completions scored ours and the official code's way, one case per difference
+# listed at the top of rewards.py (solutions as prepare_data.py writes them)
+
+OPTIONS_LR = {"options": {"A": "left", "B": "right"}}
+ONE_LINE = "<think>\nI look at the image.\n</think>\n<answer>{}</answer>"  # the official answer regex reads this
+
+
+@pytest.mark.parametrize("why, domain, solution, meta, completion, ours, official", [
+    ("the official code does not gate accuracy on format", "sat", "<answer>B</answer>", None,
+     "<answer>B</answer>", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 0.0}),
+    ("math_verify first, on every domain: '10' is the solution box's first number", "lisa", BOX, None,
+     formatted("10"), {"iou": 0.0, "format": 1.0}, {"iou": 1.0, "format": 1.0}),
+    ("no DOTALL: a multi-line box answer is not found, the whole completion is no box list", "lisa", BOX, None,
+     formatted("[{'Position': [12, 10, 50, 48], 'Confidence': 1}]"), {"iou": 0.9025, "format": 1.0},
+     {"iou": 0.0, "format": 1.0}),
+    # (math_verify reads 20 in this completion and 60 in this solution, so its test fails and the JSON is read)
+    ("... while on one line it is found (the format fails: no newline after <answer>)", "lisa", "[20, 20, 60, 60]",
+     None, ONE_LINE.format("[{'Position': [22, 20, 60, 58], 'Confidence': 1}]"), {"iou": 0.0, "format": 0.0},
+     {"iou": 0.9025, "format": 0.0}),
+    ("MULTILINE $: text may follow a newline after </answer>", "sat", "<answer>B</answer>", None,
+     formatted("B") + "\nand more", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 1.0}),
+    ("tags may repeat: the last standalone letter of the whole completion counts", "sat", "<answer>B</answer>",
+     None, formatted("A") + "\n<answer>\nB\n</answer>", {"choice": 0.0, "format": 0.0},
+     {"choice": 1.0, "format": 1.0}),
+    ("the article in 'A cat' is the letter A", "sat", "<answer>A</answer>", None, formatted("A cat, left"),
+     {"choice": 0.0, "format": 1.0}, {"choice": 1.0, "format": 1.0}),
+    ("the option's text is no answer to the official code", "sat", "<answer>B</answer>", OPTIONS_LR,
+     ONE_LINE.format("right"), {"choice": 0.0, "format": 0.0}, {"choice": 0.0, "format": 0.0}),
+    ("no answer tag: the official code grades the whole completion", "sat", "<answer>B</answer>", None,
+     "The answer is B", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 0.0}),
+    ("GeoQA with the choice reward: '5 cm' is not the string '5'", "geoqa", "<answer>5</answer>", None,
+     formatted("5 cm"), {"math": 1.0, "format": 1.0}, {"math": 0.0, "format": 1.0}),
+    ("a 'No Objects' truth cannot be read by the official code", "coco", "<answer>No Objects</answer>", None,
+     formatted("No Objects"), {"detection": 1.0, "format": 1.0}, {"detection": 0.0, "format": 1.0}),
+    ("official LISA: IoU only above 0.5, over the number of boxes answered", "lisa", "[20, 20, 60, 60]", None,
+     ONE_LINE.format("[{'Position': [20, 20, 60, 52], 'Confidence': 1}, {'Position': [70, 70, 90, 90], "
+                     "'Confidence': 0.5}]"), {"iou": 0.0, "format": 0.0}, {"iou": 0.4, "format": 0.0}),
+])
+def test_official_mode_undoes_each_documented_difference(why, domain, solution, meta, completion, ours, official):
+    weights = dict(DOMAIN_REWARDS[domain])
+    for mode, expected in (("ours", ours), ("official", official)):
+        result = score(completion, solution, domain, meta, reward_mode=mode)
+        total = sum(weights[name] * value for name, value in expected.items())
+        assert result == pytest.approx({**expected, "total": total}), (why, mode)
+
+
+def test_official_mode_ignores_the_options_that_belong_to_ours():
+    completion = ONE_LINE.format("[{'Position': [20, 20, 60, 52], 'Confidence': 1}]")  # IoU 0.8
+    for options in ({}, {"gate_on_format": False, "format_mode": "lenient", "iou_threshold": 0.9}):
+        assert score(completion, "[20, 20, 60, 60]", "lisa", reward_mode="official", **options)["iou"] == \
+            pytest.approx(0.8)
+    # ours ungated on the same one-line answer: the most confident box's IoU, or VLM-R1's binary reward
+    assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False)["iou"] == pytest.approx(0.8)
+    assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False, iou_threshold=0.9)["iou"] == 0.0
+    with pytest.raises(ValueError, match="reward_mode must be one of"):
+        score(completion, "[20, 20, 60, 60]", "lisa", reward_mode="paper")
+
+
+def test_reward_weights_replace_the_paper_weights_of_the_rewards_they_name():
+    completion = formatted("[12, 10, 50, 48]")  # IoU 0.9025, format 1
+    assert score(completion, BOX, "lisa", reward_weights={"iou": 1.0})["total"] == pytest.approx(1.9025)
+    assert score(completion, BOX, "lisa", reward_weights='{"iou": 3, "format": 0.5}')["total"] == \
+        pytest.approx(3 * 0.9025 + 0.5)
+    # a weight for a reward the domain does not have changes nothing
+    assert score(completion, BOX, "lisa", reward_weights={"choice": 9.0})["total"] == pytest.approx(2.805)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ('{"iuo": 1}', "reward_weights names 'iuo', not a reward"),
+    ('{"iou": "2"}', r"reward_weights\['iou'\] must be a finite number"),
+    ("[2.0, 1.0]", "reward_weights must map reward names to weights"),
+    ("{iou: 2}", "reward_weights is not JSON"),
+])
+def test_bad_reward_weights_are_an_error_naming_the_entry(weights, message):
+    with pytest.raises(ValueError, match=message):
+        score(formatted("[12, 10, 50, 48]"), BOX, "lisa", reward_weights=weights)
