@@ -82,6 +82,8 @@ beta = 0.04                       # k3 KL coefficient; 0 loads no reference mode
 scale_rewards = True              # divide advantages by the group std (False: Dr. GRPO)
 loss_type = "token"               # "token": mean over the micro-batch's tokens (paper) | "sequence" | "dr_grpo"
 num_iterations = 1                # mu: optimizer updates per batch of rollouts
+system_prompt = "default"         # "default": the chat template's own | "r1": the official README's R1 prompt
+                                  # (vlm.SYSTEM_PROMPTS); the same in the cold start, HF and vLLM rollouts
 reward_mode = "ours"              # "ours" | "official": score exactly as the official code (rewards.py's docstring
                                   # lists the differences; the three reward_* settings below then do not apply)
 reward_weights = ""               # the official YAML's reward_weights by name, e.g. '{"format": 1.0, "iou": 2.0}'
@@ -166,7 +168,8 @@ def parse_config(argv):
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
     try:
         scoring_options(config)
-    except ValueError as e:  # a bad reward_weights or reward_iou_threshold
+        vlm.system_prompt_text(config["system_prompt"])
+    except ValueError as e:  # a bad reward_weights, reward_iou_threshold or system_prompt
         raise SystemExit(f"error: {e}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
@@ -421,7 +424,7 @@ def cold_start(config, manifest, datasets, accelerator, log):
     """Supervised steps on the reference answers of every training domain (uniformly, so the base does not
     depend on the mixture under study). Cached in cold_start_dir and reused when the settings match."""
     key_fields = {k: config[k] for k in ("init_from", "cold_start_steps", "cold_start_batch", "cold_start_lr",
-                                         "seed", "max_pixels", "max_prompt_length")}
+                                         "seed", "max_pixels", "max_prompt_length", "system_prompt")}
     key_fields["data"] = {d: manifest["datasets"][d]["splits"]["train"]["fingerprint"] for d in sorted(datasets)}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     folder = config["cold_start_dir"]
@@ -458,7 +461,8 @@ def _run_cold_start(config, datasets, folder, key, key_fields, log):
             problems.append(problem)
             images.append(image)
             targets.append(tokenizer.encode(reference_completion(solution, meta), add_special_tokens=False) + [eos])
-        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, config["max_prompt_length"])
+        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, config["max_prompt_length"],
+                                     vlm.system_prompt_text(config["system_prompt"]))
         ids, mask = pad_completions(targets, tokenizer.pad_token_id, "cpu")
         logp = completion_logprobs(model, prompts, ids, mask, temperature=1.0)
         loss = -(logp * mask).sum() / mask.sum()
@@ -509,18 +513,18 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def distinct_prompts(tokenizer, image_processor, records, slots, max_prompt_length=None):
+def distinct_prompts(tokenizer, image_processor, records, slots, system_prompt, max_prompt_length=None):
     """Model inputs of each distinct prompt among the slots (in order), and the row of each slot's prompt in them.
     Slots are grouped by prompt, so a prompt's G completions share one encoding of it (and of its image)."""
     order = list(dict.fromkeys(p for p, _ in slots))
     batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
-                               [records[p][1] for p in order], max_prompt_length)
+                               [records[p][1] for p in order], max_prompt_length, vlm.system_prompt_text(system_prompt))
     return batch, torch.tensor([order.index(p) for p, _ in slots])
 
 
 def rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config):
     """One completion per slot; generation encodes each distinct prompt once for all its completions."""
-    prompts, prompt_of_slot = distinct_prompts(tokenizer, image_processor, records, slots,
+    prompts, prompt_of_slot = distinct_prompts(tokenizer, image_processor, records, slots, config["system_prompt"],
                                                config["max_prompt_length"])
     with full_weights(accelerator, model) as policy:
         return vlm.generate(policy, tokenizer, prompts, n=prompt_of_slot.bincount().tolist(),
@@ -537,14 +541,16 @@ def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots
     if accelerator.is_main_process:
         try:
             problems, images = [r[0] for r in records], [r[1] for r in records]
+            system_prompt = vlm.system_prompt_text(config["system_prompt"])
             prompt_ids = vlm.encode_prompts(tokenizer, image_processor, problems, images,
-                                            config["max_prompt_length"])
+                                            config["max_prompt_length"], system_prompt)
             unpadded = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids["input_ids"],
                                                                        prompt_ids["attention_mask"])]
             out = client.generate(problems, images, n=config["num_generations"],
                                   max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
                                   prompt_ids=unpadded, suppress_token_ids=vlm.vision_token_ids(tokenizer),
-                                  ignore_eos=config["ignore_eos"], logprobs=config["vllm_logprobs"])
+                                  ignore_eos=config["ignore_eos"], logprobs=config["vllm_logprobs"],
+                                  system_prompt=system_prompt)
             result[:2] = out if config["vllm_logprobs"] else (out, None)
         except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
             result[2] = f"{type(e).__name__}: {e}"
@@ -822,7 +828,7 @@ def main(argv):
                 if k not in cached:
                     t0 = time.perf_counter()
                     mb_prompts, prompt_of_row = distinct_prompts(tokenizer, image_processor, records,
-                                                                 [slots[i] for i in mb])
+                                                                 [slots[i] for i in mb], config["system_prompt"])
                     mb_prompts = {n: v.to(accelerator.device) for n, v in mb_prompts.items()}
                     prompt_of_row = prompt_of_row.to(accelerator.device)
                     c_ids, c_mask = pad_completions([completions[i] for i in mb], pad_id, accelerator.device)

@@ -230,6 +230,7 @@ def test_parse_config_overrides_in_order(tmp_path):
     (["--reward_mode=paper"], "reward_mode must be one of"),
     (['--reward_weights={"iuo": 2}'], "reward_weights names 'iuo', not a reward"),
     (["--reward_iou_threshold=1.5"], r"iou_threshold must lie in \(0, 1\)"),
+    (["--system_prompt=R1"], "system_prompt 'R1' is not one of default, r1"),
 ])
 def test_parse_config_bad_input(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -251,6 +252,16 @@ def test_reward_settings_reach_the_scores(tmp_path):
     assert default == {"iou": 0.0, "format": 0.0, "total": 0.0}  # gated: the answer is not on its own lines
     assert official == pytest.approx({"iou": 0.9025, "format": 0.0, "total": 1.805})
     assert binary == {"iou": 1.0, "format": 0.0, "total": 2.0}
+
+
+def test_system_prompt_setting_reaches_the_prompts():
+    _, tokenizer, image_processor = vlm.load_policy("tiny")
+    records = [("How many circles?", None, "<answer>2</answer>", "syn_count", {})]
+    for name in ("default", "r1"):
+        batch, _ = tg.distinct_prompts(tokenizer, image_processor, records, [(0, 0), (0, 1)], name)
+        expected = vlm.prompt_text(tokenizer, "How many circles?", n_images=0,
+                                   system_prompt=vlm.system_prompt_text(name))
+        assert tokenizer.decode(batch["input_ids"][0]) == expected
 
 
 def test_help_lists_every_setting(capsys):
