@@ -680,9 +680,9 @@ def _official_math_verify(completion, solution):
     against its parse of the solution string. Its timeouts use signal.alarm, which only the main thread has."""
     from math_verify import parse, verify  # imported on first use: sympy takes ~1 s to import
 
-    main = threading.current_thread() is threading.main_thread()
-    timeout = {} if main else {"parsing_timeout": None}
-    return verify(parse(completion, **timeout), parse(solution, **timeout), **({} if main else {"timeout_seconds": None}))
+    if threading.current_thread() is threading.main_thread():
+        return verify(parse(completion), parse(solution))  # math_verify's default timeouts, as the official code
+    return verify(parse(completion, parsing_timeout=None), parse(solution, parsing_timeout=None), timeout_seconds=None)
 
 
 def _official_choice(completion, solution):
