@@ -426,6 +426,14 @@ def test_official_mode_ignores_the_options_that_belong_to_ours():
     # ours ungated on the same one-line answer: the most confident box's IoU, or VLM-R1's binary reward
     assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False)["iou"] == pytest.approx(0.8)
     assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False, iou_threshold=0.9)["iou"] == 0.0
+    # plain boxes: ours reads them, the official reader needs Position/Confidence objects
+    plain = ONE_LINE.format("[[22, 20, 60, 58]]")
+    assert score(plain, "[[20, 20, 60, 60]]", "coco", gate_on_format=False)["detection"] == pytest.approx(0.9025)
+    assert score(plain, "[[20, 20, 60, 60]]", "coco", reward_mode="official")["detection"] == 0.0
+    # the one difference kept: an inverted box scores 0 both ways (the official arithmetic could give NaN)
+    inverted = ONE_LINE.format("[{'Position': [55, 55, 25, 25], 'Confidence': 1}]")  # math_verify: 55 vs 60
+    for mode in rewards.REWARD_MODES:
+        assert score(inverted, "[20, 20, 60, 60]", "lisa", reward_mode=mode, gate_on_format=False)["iou"] == 0.0
     with pytest.raises(ValueError, match="reward_mode must be one of"):
         score(completion, "[20, 20, 60, 60]", "lisa", reward_mode="paper")
 
