@@ -69,6 +69,8 @@ import sys
 import threading
 from typing import NamedTuple
 
+import numpy as np
+
 # ----------------------------------------------------------------------------------------------------------------
 # The router: domain -> [(reward name, weight)], the paper's weights.
 
@@ -499,31 +501,75 @@ def iou_reward(completion, solution, meta=None, *, iou_threshold=None):
     return _iou_score(extract_answer(completion), truth, iou_threshold)
 
 
-def _detection_score(answer, truth_boxes):
-    if answer is None:
-        return 0.0
-    predicted, seen = [], set()
-    for box, confidence in _predicted_boxes(answer):  # duplicates removed, the first kept (as Visual-RFT)
+def _overlapping_truths(predicted_boxes, truth_boxes):
+    """For each predicted box, [(truth index, IoU)] of the truth boxes it overlaps with IoU > DETECTION_MATCH_IOU,
+    indices ascending. numpy computes every pair with the operations of iou(), in its order, so the values are
+    bit-identical; the few pairs whose union overflows a float take iou()'s own path. A pure-Python loop over the
+    pairs took 14 s for a completion of 3,000 boxes; this is linear in the pairs at numpy speed, in row blocks of
+    ~1M pairs so memory stays bounded."""
+    truth = np.array(truth_boxes, dtype=np.float64).reshape(-1, 4)
+    t_valid = np.isfinite(truth).all(1) & (truth[:, 2] > truth[:, 0]) & (truth[:, 3] > truth[:, 1])
+    rows = max(1, 2 ** 20 // max(1, len(truth_boxes)))
+    candidates = []
+    with np.errstate(all="ignore"):  # overflow and inf - inf are masked below, as iou() rejects them
+        t_area = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
+        for start in range(0, len(predicted_boxes), rows):
+            pred = np.array(predicted_boxes[start:start + rows], dtype=np.float64).reshape(-1, 4)
+            p_valid = np.isfinite(pred).all(1) & (pred[:, 2] > pred[:, 0]) & (pred[:, 3] > pred[:, 1])
+            p_area = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+            width = np.maximum(0.0, np.minimum(pred[:, None, 2], truth[None, :, 2]) -
+                               np.maximum(pred[:, None, 0], truth[None, :, 0]))
+            height = np.maximum(0.0, np.minimum(pred[:, None, 3], truth[None, :, 3]) -
+                                np.maximum(pred[:, None, 1], truth[None, :, 1]))
+            intersection = width * height
+            union = p_area[:, None] + t_area[None, :] - intersection
+            scored = (p_valid[:, None] & t_valid[None, :] & (intersection > 0.0) &
+                      np.isfinite(p_area)[:, None] & np.isfinite(t_area)[None, :])
+            ratio = intersection / union
+            value = np.where(scored & np.isfinite(union) & np.isfinite(ratio), np.minimum(1.0, ratio), 0.0)
+            for i, j in zip(*np.nonzero(scored & ~np.isfinite(union))):  # iou()'s rescaled path
+                value[i, j] = iou(predicted_boxes[start + i], truth_boxes[j])
+            for row in value:
+                hits = np.nonzero(row > DETECTION_MATCH_IOU)[0]
+                candidates.append([(int(j), float(row[j])) for j in hits])
+    return candidates
+
+
+def _by_confidence(boxes):
+    """(box, confidence) pairs with duplicate boxes removed (the first kept, as Visual-RFT), most confident first
+    (stable: equal confidences keep answer order; a non-finite confidence ranks as 0)."""
+    seen, unique = set(), []
+    for box, confidence in boxes:
         if box not in seen:
             seen.add(box)
-            predicted.append((box, _rank(confidence)))
-    if not truth_boxes:  # the truth is "No Objects": right when nothing is detected
-        return 1.0 if not predicted else 0.0
-    predicted.sort(key=lambda pair: -pair[1])  # stable: equal confidences keep answer order
+            unique.append((box, _rank(confidence)))
+    return sorted(unique, key=lambda pair: -pair[1])
+
+
+def _matched_iou(boxes, truth_boxes):
+    """Visual-RFT's matching: the boxes, in order, each take the unmatched truth box of highest IoU (ties: the
+    first) when that IoU > 0.5. Returns the sum of the matched IoUs."""
     matched, total = set(), 0.0
-    for box, _ in predicted:
+    for candidates in _overlapping_truths(boxes, truth_boxes):
         best, best_iou = None, DETECTION_MATCH_IOU
-        for index, truth_box in enumerate(truth_boxes):
-            if index not in matched:
-                value = iou(box, truth_box)
-                if value > best_iou:
-                    best, best_iou = index, value
+        for index, value in candidates:
+            if index not in matched and value > best_iou:
+                best, best_iou = index, value
         if best is not None:
             matched.add(best)
             total += best_iou
             if len(matched) == len(truth_boxes):
                 break  # the rest can match nothing
-    return total / max(len(truth_boxes), len(predicted))
+    return total
+
+
+def _detection_score(answer, truth_boxes):
+    if answer is None:
+        return 0.0
+    predicted = _by_confidence(_predicted_boxes(answer))
+    if not truth_boxes:  # the truth is "No Objects": right when nothing is detected
+        return 1.0 if not predicted else 0.0
+    return _matched_iou([box for box, _ in predicted], truth_boxes) / max(len(truth_boxes), len(predicted))
 
 
 def detection_reward(completion, solution, meta=None):
@@ -736,22 +782,8 @@ def _official_detection(completion, solution, truth_boxes):
     objects = _official_objects(official_answer(completion))
     if objects is None or not truth_boxes:
         return 0.0
-    seen, unique = set(), []
-    for box, confidence in objects:  # duplicates removed, the first kept
-        if box not in seen:
-            seen.add(box)
-            unique.append((box, confidence))
-    unique.sort(key=lambda pair: -pair[1])  # stable, as the official sorted(reverse=True)
-    matched, total = set(), 0.0
-    for box, _ in unique:
-        best, best_iou = None, 0.0
-        for index, truth_box in enumerate(truth_boxes):
-            if index not in matched and iou(box, truth_box) > best_iou:
-                best, best_iou = index, iou(box, truth_box)
-        if best_iou > DETECTION_MATCH_IOU:
-            matched.add(best)
-            total += best_iou
-    return min(1.0, total / max(len(truth_boxes), len(unique)))
+    predicted = _by_confidence(objects)
+    return min(1.0, _matched_iou([box for box, _ in predicted], truth_boxes) / max(len(truth_boxes), len(predicted)))
 
 
 def _official_accuracy(name, completion, solution, truth):
