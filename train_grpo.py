@@ -74,6 +74,8 @@ num_generations = 6               # G, completions per prompt (paper: 6); a step
 micro_batch_size = 0              # completions per forward/backward (0: all of a process's); gradients accumulate
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
+system_prompt = "default"         # "default": the chat template's own | "r1": the official README's R1 prompt
+                                  # (vlm.SYSTEM_PROMPTS), in HF and vLLM rollouts alike; give cold_start.py the same
 max_completion_length = 64        # paper: 1024
 ignore_eos = False                # benchmarks: always generate max_completion_length tokens
 epsilon_low = 0.2
@@ -82,8 +84,13 @@ beta = 0.04                       # k3 KL coefficient; 0 loads no reference mode
 scale_rewards = True              # divide advantages by the group std (False: Dr. GRPO)
 loss_type = "token"               # "token": mean over the micro-batch's tokens (paper) | "sequence" | "dr_grpo"
 num_iterations = 1                # mu: optimizer updates per batch of rollouts
+reward_mode = "ours"              # "ours" | "official": score exactly as the official code (rewards.py's docstring
+                                  # lists the differences; the three reward_* settings below then do not apply)
+reward_weights = ""               # the official YAML's reward_weights by name, e.g. '{"format": 1.0, "iou": 2.0}'
+                                  # ("": accuracy 2.0, format 1.0, the paper's)
 reward_gate_on_format = True      # a failed format zeroes every reward (paper); False: the official code
 reward_format_mode = "strict"     # "strict" (official regex) | "lenient"
+reward_iou_threshold = 0.0        # 0: grounding reward is the IoU; e.g. 0.5: 1 when IoU > 0.5 (VLM-R1's)
 # optimizer: AdamW, linear warm-up then linear decay
 learning_rate = 3e-4              # paper: 1e-6
 weight_decay = 0.0
@@ -170,11 +177,17 @@ def parse_config(argv):
     config = read_settings(argv, DEFAULTS, __file__, __doc__)
     for key, allowed in [("sampling", ("interleave_under", "with_replacement")),
                          ("loss_type", ("token", "sequence", "dr_grpo")),
-                         ("reward_format_mode", ("strict", "lenient"))]:
+                         ("reward_format_mode", ("strict", "lenient")),
+                         ("reward_mode", rewards.REWARD_MODES)]:
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
     if config["max_steps"] < 0:
         raise SystemExit(f"error: max_steps must be >= 0 (0: until a domain is exhausted), got {config['max_steps']}")
+    try:
+        scoring_options(config)
+        vlm.system_prompt_text(config["system_prompt"])
+    except ValueError as e:  # a bad reward_weights, reward_iou_threshold or system_prompt
+        raise SystemExit(f"error: {e}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
     if config["rollout_engine"] not in ("hf", "vllm"):
@@ -474,22 +487,23 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length=None):
-    """Model inputs of each distinct prompt among prompt_of (in order), and the row of each completion's prompt
-    in them: a prompt's completions share one encoding of it (and of its image)."""
+def distinct_prompts(tokenizer, image_processor, records, prompt_of, system_text, max_prompt_length=None):
+    """Model inputs of each distinct prompt among prompt_of (in order), under the system prompt's text, and the
+    row of each completion's prompt in them: a prompt's completions share one encoding of it (and of its image)."""
     order = list(dict.fromkeys(prompt_of))
     batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
-                               [records[p][1] for p in order], max_prompt_length)
+                               [records[p][1] for p in order], max_prompt_length, system_text)
     return batch, torch.tensor([order.index(p) for p in prompt_of])
 
 
-def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_of, where, max_prompt_length,
-               max_completion_length, temperature, ignore_eos):
+def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_of, where, system_text,
+               max_prompt_length, max_completion_length, temperature, ignore_eos):
     """One completion per owned slot, each distinct prompt encoded once for all its completions. A failure on
     any process stops every process (none waits in a collective for it). Returns (completions, None)."""
     error = completions = None
     try:
-        prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length)
+        prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, prompt_of, system_text,
+                                               max_prompt_length)
         with full_weights(accelerator, model) as policy:
             completions = vlm.generate(policy, tokenizer, prompts, n=prompt_row.bincount().tolist(),
                                        max_new_tokens=max_completion_length, temperature=temperature,
@@ -500,7 +514,7 @@ def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_o
     return completions, None
 
 
-def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations, system_text, max_prompt_length,
                  max_completion_length, temperature, ignore_eos, vllm_logprobs):
     """The main process asks the server for the step's prompts x G completions (n = G per prompt, in
     group_layout's order) and shares them; each process keeps the ones it owns. A server failure is shared too,
@@ -510,7 +524,7 @@ def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations
     if accelerator.is_main_process:
         try:
             out = client.generate_for(tokenizer, [r[0] for r in records], [r[1] for r in records], max_prompt_length,
-                                      n=num_generations, max_new_tokens=max_completion_length,
+                                      system_text, n=num_generations, max_new_tokens=max_completion_length,
                                       temperature=temperature, ignore_eos=ignore_eos, logprobs=vllm_logprobs)
             result[:2] = out if vllm_logprobs else (out, None)
         except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
@@ -539,11 +553,12 @@ def connect_vllm(accelerator, model, image_processor, url, timeout, retries, syn
 
 
 def micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records, prompt_of, completions,
-                       rows, temperature, num_iterations):
+                       rows, system_text, temperature, num_iterations):
     """What one micro-batch (rows: indices among this process's completions) feeds every update of the step: its
     prompts, padded completions, their advantages' rows, and the log-probs that stay fixed over the num_iterations
     updates: the reference model's (for the KL) and, when mu > 1, the pre-update policy's (for the ratio)."""
-    prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, [prompt_of[i] for i in rows])
+    prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, [prompt_of[i] for i in rows],
+                                           system_text)
     prompts = {name: v.to(accelerator.device) for name, v in prompts.items()}
     prompt_row = prompt_row.to(accelerator.device)
     ids, mask = vlm.pad_completions([completions[i] for i in rows], tokenizer.pad_token_id, accelerator.device)
@@ -629,9 +644,18 @@ def lr_lambda(warmup, total):
     return factor
 
 
-def score_completions(texts, records, gate_on_format, format_mode):
-    """rewards.score of each completion against the record it answers."""
-    return [rewards.score(text, solution, domain, meta, gate_on_format=gate_on_format, format_mode=format_mode)
+def scoring_options(config):
+    """rewards.score's keywords from the reward_* settings; ValueError names a bad one."""
+    threshold = config["reward_iou_threshold"] or None
+    rewards.check_iou_threshold(threshold)
+    return dict(reward_mode=config["reward_mode"], reward_weights=rewards.read_reward_weights(config["reward_weights"]),
+                gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"],
+                iou_threshold=threshold)
+
+
+def score_completions(texts, records, options):
+    """rewards.score of each completion against the record it answers, under scoring_options."""
+    return [rewards.score(text, solution, domain, meta, **options)
             for text, (_, _, solution, domain, meta) in zip(texts, records)]
 
 
@@ -834,6 +858,7 @@ def main(argv):
     from accelerate.utils import gather_object, set_seed
     config = parse_config(argv)
     globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
+    scoring, system_text = scoring_options(config), vlm.system_prompt_text(system_prompt)
     cuda = torch.cuda.is_available()
     # bf16 autocast over fp32 master weights on GPU: a bf16 weight cannot absorb a 1e-6 update.
     # step_scheduler_with_optimizer=False: our schedule counts optimizer updates, not per-process batches.
@@ -890,18 +915,18 @@ def main(argv):
         with timed(timings, "generate"):
             if rollout_engine == "vllm":
                 completions, server_logprobs = rollout_vllm(
-                    accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+                    accelerator, client, tokenizer, records, owned, num_generations, system_text, max_prompt_length,
                     max_completion_length, temperature, ignore_eos, vllm_logprobs)
             else:
                 completions, server_logprobs = rollout_hf(
                     accelerator, model, tokenizer, image_processor, records, prompt_of,
-                    f"step {step + 1}, records {ids}", max_prompt_length, max_completion_length, temperature,
-                    ignore_eos)
+                    f"step {step + 1}, records {ids}", system_text, max_prompt_length, max_completion_length,
+                    temperature, ignore_eos)
 
         # 2. rewards here; advantages over whole groups, gathered from every process
         with timed(timings, "reward"):
             texts = [vlm.decode(tokenizer, c) for c in completions]
-            scores = score_completions(texts, my_records, reward_gate_on_format, reward_format_mode)
+            scores = score_completions(texts, my_records, scoring)
             check_finite_rewards(accelerator, scores, [ids[p] for p in prompt_of], step)
             totals = accelerator.gather(torch.tensor([s["total"] for s in scores], device=accelerator.device)).cpu()
             advantages = group_advantages(totals.view(-1, num_generations), scale_rewards).view(-1)
@@ -912,7 +937,8 @@ def main(argv):
         size = micro_batch_size or len(owned)
         with timed(timings, "ref_old"):
             batches = [micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records,
-                                          prompt_of, completions, range(i, i + size), temperature, num_iterations)
+                                          prompt_of, completions, range(i, i + size), system_text, temperature,
+                                          num_iterations)
                        for i in range(0, len(owned), size)]
 
         # 4. num_iterations optimizer updates over the same rollouts, gradients accumulated over the micro-batches

@@ -209,10 +209,41 @@ def test_parse_config_overrides_in_order(tmp_path):
     (["--num_generations=1"], "num_generations must be >= 2"),
     (["--max_steps=-3"], r"max_steps must be >= 0 \(0: until a domain is exhausted\), got -3"),
     (["/no/such/config.json"], "cannot read config file"),
+    (["--reward_mode=paper"], "reward_mode must be one of"),
+    (['--reward_weights={"iuo": 2}'], "reward_weights names 'iuo', not a reward"),
+    (["--reward_iou_threshold=1.5"], r"iou_threshold must lie in \(0, 1\)"),
+    (["--system_prompt=R1"], "system_prompt 'R1' is not one of default, r1"),
 ])
 def test_parse_config_bad_input(argv, message):
     with pytest.raises(SystemExit, match=message):
         tg.parse_config(argv)
+
+
+def test_reward_settings_reach_the_scores(tmp_path):
+    """The same completion scored under the training config's reward settings: the default, the official
+    scoring with weights from a JSON config file as the official YAML gives them, and VLM-R1's binary IoU."""
+    completion = "<think>\nI look.\n</think>\n<answer>[{'Position': [22, 20, 60, 58], 'Confidence': 1}]</answer>"
+    # IoU 0.9025, the answer on one line (math_verify reads 20 in the completion, 60 in the solution: no match)
+    record = [(None, None, "[20, 20, 60, 60]", "lisa", {})]
+    path = tmp_path / "official.json"
+    path.write_text(json.dumps({"reward_mode": "official", "reward_weights": {"iou": 2.0, "format": 0.5}}))
+    def scored(argv):
+        return tg.score_completions([completion], record, tg.scoring_options(tg.parse_config(argv)))[0]
+    default, official = scored([]), scored([str(path)])
+    binary = scored(["--reward_gate_on_format=false", "--reward_iou_threshold=0.5"])
+    assert default == {"iou": 0.0, "format": 0.0, "total": 0.0}  # gated: the answer is not on its own lines
+    assert official == pytest.approx({"iou": 0.9025, "format": 0.0, "total": 1.805})
+    assert binary == {"iou": 1.0, "format": 0.0, "total": 2.0}
+
+
+def test_system_prompt_setting_reaches_the_prompts():
+    _, tokenizer, image_processor = vlm.load_policy("tiny")
+    records = [("How many circles?", None, "<answer>2</answer>", "syn_count", {})]
+    for name in ("default", "r1"):
+        batch, _ = tg.distinct_prompts(tokenizer, image_processor, records, [0, 0], vlm.system_prompt_text(name))
+        expected = vlm.prompt_text(tokenizer, "How many circles?", n_images=0,
+                                   system_prompt=vlm.system_prompt_text(name))
+        assert tokenizer.decode(batch["input_ids"][0]) == expected
 
 
 def test_help_lists_every_setting(capsys):
