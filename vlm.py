@@ -1,8 +1,9 @@
 """
 The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT's model.py is shared).
 
-- load_policy(name): a Qwen2-VL / Qwen2.5-VL by hub name or local folder, or "tiny": a 0.8M-parameter Qwen2-VL
-  built offline from a config with a locally trained byte-level BPE tokenizer (tests and the CPU default).
+- load_policy(name): a Qwen2-VL / Qwen2.5-VL / Qwen3-VL by hub name or local folder, or a tiny one built offline
+  from a config with a locally trained byte-level BPE tokenizer: "tiny" (a 0.8M-parameter Qwen2-VL, tests and the
+  CPU default), "tiny-qwen2.5-vl", "tiny-qwen3-vl".
 - save_policy / write_checksums / checkpoint_problem: save_pretrained folders that plain transformers (and vLLM)
   loads, and the test that tells a complete one from an interrupted or corrupted one.
 - load_manifest: prepare_data.py's index of the datasets; open_split: one of its splits, checked against it.
@@ -133,47 +134,76 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_image_processor():
+# The tiny models, one per family: "tiny" is the Qwen2-VL (the CPU default); each is built offline from a config
+# with the same 2-layer text model and 2-block vision tower, so a family's own code paths (Qwen2.5-VL's windowed
+# vision attention, Qwen3-VL's 16 px patches, learned vision positions, DeepStack features and interleaved M-RoPE)
+# run in seconds.
+TINY_FAMILIES = {"tiny": "qwen2_vl", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl",
+                 "tiny-qwen3-vl": "qwen3_vl"}
+
+
+def build_tiny_image_processor(family="qwen2_vl"):
     from transformers import Qwen2VLImageProcessorPil
+    if family == "qwen3_vl":  # Qwen3-VL's preprocessor_config: 16 px patches, mean and std 0.5
+        # 32*32 .. 128*128 pixels: a 56 px image is resized to 64 px and becomes 4 image tokens, 112 px 16.
+        return Qwen2VLImageProcessorPil(patch_size=16, min_pixels=32 * 32, max_pixels=128 * 128,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
     # 28*28 .. 112*112 pixels: a 56 px image becomes 4 image tokens, a 112 px image 16.
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112)
 
 
-def build_tiny_model(tokenizer, seed=0):
-    """A randomly initialised 2-layer Qwen2-VL (0.8M parameters): same architecture and code paths as the 2B."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def tiny_config(family, tokenizer):
+    """The config of a tiny model of the family: text hidden 128, 2 layers, 4 heads (head_dim 32, so
+    mrope_section sums to 16), tied embeddings; vision tower of 2 blocks, merging 2x2 patches."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     ids = tokenizer.convert_tokens_to_ids
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            # mrope_section must sum to head_dim / 2 = 128 / 4 / 2 = 16
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    text = dict(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=128, intermediate_size=512,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                tie_word_embeddings=True)
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                  tie_word_embeddings=True)
+    vision = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, embed_dim=64, hidden_size=128, mlp_ratio=2, patch_size=14))
+    if family == "qwen2_5_vl":  # window attention in block 0 (56 px windows), full attention in block 1
+        return Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, hidden_size=64, intermediate_size=128, out_hidden_size=128, patch_size=14, window_size=56,
+            fullatt_block_indexes=[1]))
+    if family == "qwen3_vl":  # interleaved M-RoPE; block 0's features also enter the first text layer (DeepStack)
+        text["head_dim"] = 32
+        text["rope_parameters"] = dict(text["rope_parameters"], rope_theta=5e6, mrope_interleaved=True)
+        return Qwen3VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, hidden_size=64, intermediate_size=128, out_hidden_size=128, patch_size=16,
+            num_position_embeddings=64, deepstack_visual_indexes=[0]))
+    raise ValueError(f"no tiny model of family {family!r}; families: {sorted(set(TINY_FAMILIES.values()))}")
+
+
+def build_tiny_model(tokenizer, seed=0, family="qwen2_vl"):
+    """A randomly initialised 2-layer model of the family (0.8-1M parameters): same architecture and code paths as
+    the real ones."""
+    from transformers import AutoModelForImageTextToText
+    ids = tokenizer.convert_tokens_to_ids
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, tokenizer))
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     return model
 
 
 def load_policy(name_or_path, dtype=torch.float32, seed=0, max_pixels=0):
-    """(model, tokenizer, image_processor) for "tiny", a local save_pretrained folder, or a hub name.
-    seed: the tiny model's initial weights. max_pixels: the image processor's pixel budget per image (0: the
-    model's own); training and evaluation set it alike, so a model sees images as large as it was trained on."""
-    if name_or_path == "tiny":
+    """(model, tokenizer, image_processor) for a tiny model ("tiny", "tiny-qwen2.5-vl", "tiny-qwen3-vl"), a local
+    save_pretrained folder, or a hub name. seed: the tiny model's initial weights. max_pixels: the image
+    processor's pixel budget per image (0: the model's own); training and evaluation set it alike, so a model sees
+    images as large as it was trained on."""
+    if name_or_path in TINY_FAMILIES:
+        family = TINY_FAMILIES[name_or_path]
         tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, seed=seed).to(dtype)
-        image_processor = build_tiny_image_processor()
+        model = build_tiny_model(tokenizer, seed=seed, family=family).to(dtype)
+        image_processor = build_tiny_image_processor(family)
     else:
         from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
@@ -198,20 +228,27 @@ def _read_processor_chat_template(name_or_path):
     return None
 
 
+# model_type -> (processor class, video processor class), as the family's hub folders name them
+PROCESSOR_CLASSES = {"qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+                     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+                     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor")}
+
+
 def save_policy(model, tokenizer, image_processor, out_dir, state_dict=None):
     """A folder that AutoModelForImageTextToText / AutoTokenizer / vLLM load. Not atomic: callers write to a
     temporary folder and rename it. state_dict: weights gathered from ZeRO-3 / FSDP shards, if any."""
     model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
-    # vLLM and AutoProcessor build a full Qwen2VLProcessor, whose video half needs its own config file; the
+    # vLLM and AutoProcessor build the family's full processor, whose video half needs its own config file; the
     # values mirror the image processor's (we never feed videos).
+    processor, video_processor = PROCESSOR_CLASSES[model.config.model_type]
     video = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type",)}
-    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    video["video_processor_type"] = video_processor
     with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
         json.dump(video, f, indent=2)
     with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
-        json.dump({"processor_class": "Qwen2VLProcessor"}, f, indent=2)
+        json.dump({"processor_class": processor}, f, indent=2)
 
 
 def load_weights(model, folder):

@@ -41,13 +41,13 @@ def test_three_steps_write_metrics_samples_and_change_weights(data_dir, cold_sta
     assert config["mixture_weights"] == {"syn_count": 1.0} and config["planned_steps"] == 3
 
 
-def test_interleave_under_ends_when_the_small_domain_is_exhausted(data_dir, cold_start_dir, tmp_path):
+def test_without_max_steps_one_pass_over_the_interleaved_pool(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     proc = train(data_dir, out, cold_start_dir, "--max_steps=0", "--checkpoint_every=1000", "--beta=0",
                  "--log_samples_every=0", "--max_completion_length=8")
     expected = tg.build_schedule({"syn_colorcount": 0.5, "syn_count": 0.5}, {"syn_colorcount": 12, "syn_count": 60},
                                  2, 0, "interleave_under", seed=0)
-    assert 5 <= len(expected) < 30  # 12 rows of the small domain last about 12 steps
+    assert 5 <= len(expected) < 30  # the pool ends with the small domain's 12th row: about 24 rows, 12 steps
     assert len(metrics(out)) == len(expected)
     assert os.listdir(out / f"ckpt-{len(expected):06d}")
     assert f"done: {len(expected)} steps" in proc.stdout + proc.stderr

@@ -110,26 +110,77 @@ def test_schedule_visits_every_row_before_repeating():
     assert sorted(rows[:7]) == list(range(7)) and sorted(rows[7:]) == list(range(7))
 
 
-def test_interleave_under_stops_before_the_step_that_finds_a_domain_exhausted():
+def test_interleave_under_pool_is_interleave_datasets_first_exhausted():
+    # replay interleave_datasets' documented draws by hand: default_rng(seed).choice over the sources in blocks of
+    # 1000; each draw takes its source's next row in stored order; the pool ends with the draw that takes the
+    # last row of a source (here "a", 5 rows, against 100 of "b")
+    pool = tg.interleave_under_pool({"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}, seed=3)
+    draws = np.random.default_rng(3).choice(2, size=1000, p=[0.5, 0.5])
+    end = int(np.flatnonzero(draws == 0)[4]) + 1
+    assert [d for d, _ in pool] == ["a" if k == 0 else "b" for k in draws[:end]]
+    assert [row for d, row in pool if d == "a"] == [0, 1, 2, 3, 4]
+    assert [row for d, row in pool if d == "b"] == list(range(end - 5))
+
+
+def test_interleave_under_pool_proportions_are_the_mixtures():
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    pool = tg.interleave_under_pool(weights, {"a": 4000, "b": 4000, "c": 4000}, seed=0)
+    # "a" runs out first: about 4000 / 0.5 = 8000 picks
+    assert sum(d == "a" for d, _ in pool) == 4000 and 7500 < len(pool) < 8500
+    observed = [sum(d == k for d, _ in pool) for k in sorted(weights)]
+    assert chisquare(observed, [weights[k] * len(pool) for k in sorted(weights)]).pvalue > 0.001
+
+
+def test_interleave_under_runs_epochs_over_the_pool_until_max_steps():
     weights, sizes = {"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}
+    pool = tg.interleave_under_pool(weights, sizes, seed=3)
+    schedule = tg.build_schedule(weights, sizes, 2, 40, "interleave_under", seed=3)
+    assert len(schedule) == 40 and all(len(step) == 2 for step in schedule)
+    prompts = [pick for step in schedule for pick in step]
+    n = len(pool)
+    epochs = [prompts[k:k + n] for k in range(0, len(prompts), n)]
+    assert all(sorted(e) == sorted(pool) for e in epochs[:-1])
+    assert len(epochs) >= 3 and epochs[0] != epochs[1]  # reshuffled each epoch
+    assert set(epochs[-1]) <= set(pool)
+
+
+def test_interleave_under_without_max_steps_is_one_pass_over_the_pool():
+    weights, sizes = {"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}
+    pool = tg.interleave_under_pool(weights, sizes, seed=3)
     schedule = tg.build_schedule(weights, sizes, 2, 0, "interleave_under", seed=3)
-    # replay the same draws by hand: the schedule ends exactly when the 6th pick of "a" would be needed
-    rng = np.random.default_rng(3)
-    rng.permutation(5), rng.permutation(100)
-    picks_of_a, steps = 0, 0
-    while True:
-        draws = rng.choice(["a", "b"], size=2, p=[0.5, 0.5])
-        if picks_of_a + sum(d == "a" for d in draws) > 5:
-            break
-        picks_of_a += sum(d == "a" for d in draws)
-        steps += 1
-    assert len(schedule) == steps
-    used_a = [row for step in schedule for d, row in step if d == "a"]
-    assert len(used_a) == len(set(used_a)) <= 5
+    assert len(schedule) == len(pool) // 2  # an incomplete last step is dropped
+    prompts = [pick for step in schedule for pick in step]
+    assert len(set(prompts)) == len(prompts) and set(prompts) <= set(pool)
 
 
-def test_schedule_is_a_function_of_the_seed():
-    args = ({"a": 0.3, "b": 0.7}, {"a": 50, "b": 50}, 2, 20, "with_replacement")
+# The paper's 11 seed runs (reference/modomodo/table2.csv: 1 COCO, 2 LISA, 3 GeoQAV, 4 SAT, 5 ScienceQA) on the
+# official training-set sizes, 2 prompts per step: before the pool was iterated in epochs, single LISA ended at
+# step 663 and single GeoQAV at 984, so they had no step-1500 or step-2000 checkpoint for StepAvg.
+PAPER_SIZES = {"coco": 5997, "lisa": 1326, "geoqav": 1969, "sat": 15000, "scienceqa": 6218}
+SEED_RUNS = ["1", "2", "3", "4", "5", "2345", "1345", "1245", "1235", "1234", "12345"]
+
+
+@pytest.mark.parametrize("run", SEED_RUNS)
+def test_every_table2_seed_run_reaches_2000_steps(run):
+    names = sorted(PAPER_SIZES, key=["coco", "lisa", "geoqav", "sat", "scienceqa"].index)
+    weights = {names[int(k) - 1]: 1 / len(run) for k in run}
+    sizes = {d: PAPER_SIZES[d] for d in weights}
+    schedule = tg.build_schedule(weights, sizes, 2, 2000, "interleave_under", seed=42)
+    assert len(schedule) == 2000 and all(len(step) == 2 for step in schedule)
+    assert all(0 <= row < sizes[d] for step in schedule for d, row in step)
+
+
+def test_single_lisa_sees_every_row_once_per_epoch():
+    schedule = tg.build_schedule({"lisa": 1.0}, {"lisa": 1326}, 2, 2000, "interleave_under", seed=42)
+    rows = [row for step in schedule for _, row in step]
+    assert sorted(rows[:1326]) == sorted(rows[1326:2652]) == list(range(1326))
+    assert rows[:1326] != rows[1326:2652]
+
+
+@pytest.mark.parametrize("sampling", ["with_replacement", "interleave_under"])
+def test_schedule_is_a_function_of_the_seed(sampling):
+    # what makes a resume replay the data an uninterrupted run sees
+    args = ({"a": 0.3, "b": 0.7}, {"a": 50, "b": 50}, 2, 100, sampling)
     assert tg.build_schedule(*args, seed=5) == tg.build_schedule(*args, seed=5)
     assert tg.build_schedule(*args, seed=5) != tg.build_schedule(*args, seed=6)
 
