@@ -62,6 +62,7 @@ PAPER_TRAIN_SIZES = {"coco": 5997, "lisa": 1326, "geoqav": 1969, "sat": 15000, "
 PAPER_STEPS, PAPER_PROMPTS_PER_STEP = 2000, 2
 
 INTERVAL = 0.90            # coverage of every bootstrap interval reported
+LARGEST_OBJECTIVE = 1e100  # squared errors and variances of larger values overflow a float
 LOO_MAX_RUNS = 60          # above this, 10-fold cross-validation stands in for leave-one-out (speed)
 
 
@@ -83,7 +84,19 @@ def score_key(name):
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def read_results_json(path):
+def run_name(path, root):
+    """A run's name: its folder (the one above eval/<checkpoint>/, where evaluate.py writes) relative to the folder
+    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.dirname(folder)) == "eval":
+        folder = os.path.dirname(os.path.dirname(folder))
+    if root is None:
+        return os.path.basename(folder)
+    relative = os.path.relpath(folder, os.path.abspath(root))
+    return os.path.basename(folder) if relative == "." else relative
+
+
+def read_results_json(path, root=None):
     """One run from evaluate.py's results.json: its mixture and every score (in_score, out_score, each benchmark)."""
     try:
         with open(path) as f:
@@ -99,9 +112,9 @@ def read_results_json(path):
     for name in ("in_score", "out_score"):
         if results.get(name) is not None:
             scores[name] = results[name]
-    label = str(results.get("run") or os.path.basename(os.path.dirname(os.path.abspath(path))))
-    return {"label": label, "where": path, "mixture": results["mixture"], "scores": scores,
-            "run": results.get("run"), "step": results.get("step")}
+    name = run_name(path, root)
+    return {"label": name, "where": path, "mixture": results["mixture"], "scores": scores, "run": name,
+            "step": results.get("step")}
 
 
 def table2_mixture(run):
@@ -162,16 +175,17 @@ def parse_number(text, where):
 
 
 def find_inputs(paths):
-    """Files to read: CSVs and results.json files as given; folders give every results.json below them."""
+    """(file, the folder it was found under or None) to read: CSVs and results.json files as given; folders give
+    every results.json below them."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
             if not found:
                 raise InputError(f"{path}: no results.json below this folder")
-            files += found
+            files += [(f, path) for f in found]
         elif os.path.isfile(path):
-            files.append(path)
+            files.append((path, None))
         else:
             raise InputError(f"{path}: no such file or folder")
     return files
@@ -203,11 +217,11 @@ def pick_steps(runs, step, notes):
 
 def read_runs(paths, step, notes):
     runs = []
-    for path in find_inputs(paths):
+    for path, root in find_inputs(paths):
         if path.lower().endswith(".csv"):
             runs += read_table_csv(path, notes)
         else:
-            runs.append(read_results_json(path))
+            runs.append(read_results_json(path, root))
     json_runs = [r for r in runs if r["where"].endswith(".json")]
     if json_runs:
         runs = [r for r in runs if not r["where"].endswith(".json")] + pick_steps(json_runs, step, notes)
@@ -223,7 +237,10 @@ def parse_objective(text):
     terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
     terms = []
     for term in text.replace(" ", "").split("+"):
-        coefficient, _, name = term.rpartition("*")
+        coefficient, times, name = term.rpartition("*")
+        if times and not coefficient:
+            raise InputError(f"--objective={text!r}: the term {term!r} has a '*' with no number before it "
+                             f"(write e.g. 0.5*{name or 'out_score'})")
         if not name:
             raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
                              f"0.5*in_score+0.5*out_score")
@@ -255,6 +272,10 @@ def objective_value(run, terms, objective):
             raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
                              f"it has {sorted(run['scores'])}")
         total += coefficient * value
+    if not abs(total) < LARGEST_OBJECTIVE:  # also catches inf and nan (inf - inf)
+        raise InputError(f"{run['where']}: --objective={objective!r} comes to {total!r} for this run; scores must "
+                         f"be finite and below {LARGEST_OBJECTIVE:g} in size (their squares must fit a float): "
+                         f"check this file's scores")
     return total
 
 
@@ -332,10 +353,10 @@ def build_dataset(runs, objective, notes):
         raise InputError(f"need at least 3 distinct mixtures to fit anything; got {len(y)}")
     if np.ptp(y) == 0:
         raise InputError(f"the objective {objective!r} is the same ({y[0]:.4g}) for every run: nothing to learn")
-    never = [d for j, d in enumerate(domains) if W[:, j].max() == 0]
-    if never:
-        note(notes, f"domains {never} have weight 0 in every run: their effect cannot be learned, proposals "
-                    f"keep them at 0")
+    fixed = {d: round(float(W[0, j]), 4) for j, d in enumerate(domains) if np.ptp(W[:, j]) <= 1e-9}
+    if fixed:
+        note(notes, f"weights that are the same in every run ({fixed}): their effect cannot be estimated, so "
+                    f"proposals hold them there")
     return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
             "groups": list(groups.values())}
 
@@ -696,9 +717,13 @@ def domain_sizes(args, domains, notes):
         try:
             with open(args.manifest) as f:
                 datasets = json.load(f)["datasets"]
+            missing = [d for d in domains if d not in datasets]
             sizes = {d: datasets[d]["splits"]["train"]["rows"] for d in domains if d in datasets}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{args.manifest}: cannot read train sizes from this manifest ({e!r})")
+        if missing:
+            raise InputError(f"{args.manifest}: no train split for {missing}, which the runs trained on; give its "
+                             f"size with --sizes (e.g. --sizes={missing[0]}:5000) or the manifest of the data used")
     elif set(domains) <= set(PAPER_TRAIN_SIZES):
         sizes = {d: PAPER_TRAIN_SIZES[d] for d in domains}
         note(notes, "availability caps use the paper's training-set sizes (--sizes or --manifest to change)")
@@ -723,10 +748,12 @@ def constraints(args, domains, W, notes):
     for d, size in domain_sizes(args, domains, notes).items():
         caps[d] = min(1.0, size / prompts)
         high[domains.index(d)] = min(high[domains.index(d)], caps[d])
-    high[W.max(0) <= 1e-9] = 0.0
-    clash = [d for j, d in enumerate(domains) if low[j] > high[j]]
+    fixed = np.ptp(W, 0) <= 1e-9  # one weight in every run: its effect cannot be estimated, so it is held there
+    clash = [d for j, d in enumerate(domains) if low[j] > high[j] or (fixed[j] and not low[j] <= W[0, j] <= high[j])]
     if clash:
-        raise InputError(f"--bounds: the lower bound of {clash} exceeds its cap or the domain was never trained on")
+        raise InputError(f"--bounds: {clash}: the lower bound exceeds the cap, or the bounds exclude the one weight "
+                         f"every run gave it (such a domain is held at that weight)")
+    low[fixed] = high[fixed] = W[0, fixed]
     if low.sum() > 1 + 1e-9 or high.sum() < 1 - 1e-9:
         raise InputError(f"no mixture satisfies the bounds and caps: lower bounds sum to {low.sum():.3f}, upper "
                          f"bounds (caps {caps}) to {high.sum():.3f}; relax --bounds or raise --steps x "
@@ -750,6 +777,9 @@ def dirichlet_candidates(W, low, high, radius, count, seed):
     pull = rng.uniform(0, 1, (count, 1))
     local = (1 - pull) * anchors + pull * rng.dirichlet(np.ones(d), count)
     V = np.vstack([uniform, local])
+    fixed = low == high  # held domains (never trained, or one weight in every run): set, the rest rescaled
+    V[:, fixed] = low[fixed]
+    V[:, ~fixed] *= (1 - low[fixed].sum()) / V[:, ~fixed].sum(1, keepdims=True)
     return V[feasible(V, low, high, W, radius)]
 
 

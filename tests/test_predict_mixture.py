@@ -471,3 +471,51 @@ def test_availability_caps_from_a_manifest(tmp_path):
     assert caps == {"a": 0.5, "b": 1.0}  # 100 rows / (50 steps x 4 prompts)
     np.testing.assert_allclose(high, [0.5, 1.0])
     np.testing.assert_allclose(low, [0.0, 0.0])
+
+
+def test_a_domain_missing_from_the_manifest_is_an_error(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format_version": 1, "datasets": {
+        "a": {"role": "train", "splits": {"train": {"path": "a/train", "rows": 100}}}}}))
+    args = pm.get_args([f"--manifest={manifest}"])
+    with pytest.raises(pm.InputError, match=r"manifest.json: no train split for \['b'\].*--sizes=b:"):
+        pm.constraints(args, ["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), [])
+
+
+def test_objective_with_a_star_and_no_number_is_an_error(tmp_path, capsys):
+    seed_runs_for(tmp_path / "runs")
+    assert_error(capsys, [str(tmp_path / "runs"), "--objective=0.5*in_score+*out_score"],
+                 "the term '*out_score' has a '*' with no number before it")
+
+
+def test_a_domain_with_one_weight_in_every_run_is_held_there(tmp_path, capsys):
+    """c is 0.2 in all 8 runs: nothing says what more or less c does, so every proposal keeps c = 0.2, and the
+    predictions stay near the observed range of scores (the old mixing law predicted 3.77e21 here)."""
+    for i, a in enumerate(np.linspace(0.05, 0.75, 8)):
+        write_results(tmp_path / "runs", f"r{i}", {"a": a, "b": 0.8 - a, "c": 0.2}, out_score=0.3 + 0.1 * a)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, [str(tmp_path / "runs"), f"--out_dir={out}"] + FAST)
+    assert code == 0 and "same in every run ({'c': 0.2}): their effect cannot be estimated" in err
+    proposals = [p for p in json.loads((out / "mixtures.json").read_text())["proposals"] if p["source"] == "model"]
+    assert proposals and all(p["mixture"]["c"] == 0.2 for p in proposals)
+    assert all(0.305 <= p["predicted"] <= 0.375 + 0.07 for p in proposals)  # observed 0.305-0.375, plus its spread
+
+
+def test_runs_whose_folders_share_a_last_name_stay_apart(tmp_path):
+    """out/mixN/grpo/eval/ckpt-000100/results.json, evaluate.py's layout, all with run 'grpo': eight runs, named by
+    their path below the folder given."""
+    for i, a in enumerate(np.linspace(0.1, 0.8, 8)):
+        folder = tmp_path / "out" / f"mix{i}" / "grpo" / "eval" / "ckpt-000100"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"run": "grpo", "step": 100, "mixture": {"a": a, "b": 1 - a},
+                                                         "in_score": 0.5, "out_score": 0.3 + 0.1 * a}))
+    runs = pm.read_runs([str(tmp_path / "out")], "last", [])
+    assert sorted(r["label"] for r in runs) == [f"mix{i}/grpo" for i in range(8)]
+
+
+@pytest.mark.parametrize("objective, shown", [("in_score", "1e+308"), ("2*in_score+-2*in_score", "nan")])
+def test_a_score_too_large_to_fit_is_an_error_naming_the_file(tmp_path, capsys, objective, shown):
+    seed_runs_for(tmp_path / "runs")
+    path = write_results(tmp_path / "runs", "huge", {"a": 0.7, "b": 0.3}, 0.4, in_score=1e308)
+    assert_error(capsys, [str(tmp_path / "runs"), f"--objective={objective}"],
+                 f"{path}: --objective={objective!r} comes to {shown} for this run")
