@@ -77,291 +77,6 @@ def note(notes, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading runs
-
-def score_key(name):
-    """'OutScore', 'out_score' and 'out-score' all name the same score."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def run_name(path, root):
-    """A run's name: its folder (the one above eval/<checkpoint>/, where evaluate.py writes) relative to the folder
-    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(os.path.dirname(folder)) == "eval":
-        folder = os.path.dirname(os.path.dirname(folder))
-    if root is None:
-        return os.path.basename(folder)
-    relative = os.path.relpath(folder, os.path.abspath(root))
-    return os.path.basename(folder) if relative == "." else relative
-
-
-def read_results_json(path, root=None):
-    """One run from evaluate.py's results.json: its mixture and every score (in_score, out_score, each benchmark)."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read it as JSON ({e})")
-    if not isinstance(results, dict) or "mixture" not in results:
-        raise InputError(f"{path}: not an evaluate.py results file (no 'mixture' field)")
-    scores = {}
-    for name, bench in (results.get("benchmarks") or {}).items():
-        if isinstance(bench, dict) and bench.get("score") is not None:
-            scores[name] = bench["score"]
-    for name in ("in_score", "out_score"):
-        if results.get(name) is not None:
-            scores[name] = results[name]
-    name = run_name(path, root)
-    return {"label": name, "where": path, "mixture": results["mixture"], "scores": scores, "run": name,
-            "step": results.get("step")}
-
-
-def table2_mixture(run):
-    """Table 2's convention: the digits of `run` list the included datasets, weighted equally."""
-    digits = [int(c) for c in run]
-    bad = [d for d in digits if not 1 <= d <= len(PAPER_DOMAINS)]
-    if bad:
-        raise ValueError(f"dataset digit {bad[0]} (the paper's datasets are 1-{len(PAPER_DOMAINS)})")
-    return {PAPER_DOMAINS[d - 1]: 1.0 / len(digits) for d in digits}
-
-
-def read_table_csv(path, notes):
-    """Runs from a CSV: weight columns `w_<domain>`, or Table 2's `run` digits. Other numeric columns are scores."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read it as CSV ({e})")
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    columns = list(rows[0])
-    weight_columns = [c for c in columns if c.startswith("w_")]
-    if not weight_columns and "run" not in columns:
-        raise InputError(f"{path}: no mixture columns: expected `w_<domain>` weight columns or Table 2's `run` "
-                         f"column; found {columns}")
-    score_columns = [c for c in columns if c not in ("group", "run", "label") and c not in weight_columns]
-    runs, skipped = [], []
-    for i, row in enumerate(rows, start=2):  # row 1 is the header
-        where = f"{path} row {i}"
-        label = " ".join(row[c] for c in ("group", "run", "label") if row.get(c)) or f"row {i}"
-        if weight_columns:
-            mixture = {c[2:]: parse_number(row[c], f"{where} column {c}") for c in weight_columns}
-        elif re.fullmatch(r"\d+", row["run"] or "") and len(set(row["run"])) == len(row["run"]):
-            try:
-                mixture = table2_mixture(row["run"])
-            except ValueError as e:
-                raise InputError(f"{where}: run {row['run']!r} names {e}")
-        else:  # Base (no training), the heuristic and model-based rows: the paper did not publish their weights
-            skipped.append(label)
-            continue
-        # kept as text: a column is parsed (and a bad cell reported) only when the objective uses it
-        scores = {c: row[c] for c in score_columns if (row[c] or "").strip()}
-        runs.append({"label": label, "where": where, "mixture": mixture, "scores": scores, "run": None, "step": None})
-    if skipped:
-        note(notes, f"{path}: {len(skipped)} rows have no known mixture and are not used for fitting "
-                    f"({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})")
-    return runs
-
-
-def parse_number(text, where):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: {text!r} is not a number")
-    if not math.isfinite(value):
-        raise InputError(f"{where}: {text!r} is not a finite number")
-    return value
-
-
-def find_inputs(paths):
-    """(file, the folder it was found under or None) to read: CSVs and results.json files as given; folders give
-    every results.json below them."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
-            if not found:
-                raise InputError(f"{path}: no results.json below this folder")
-            files += [(f, path) for f in found]
-        elif os.path.isfile(path):
-            files.append((path, None))
-        else:
-            raise InputError(f"{path}: no such file or folder")
-    return files
-
-
-def pick_steps(runs, step, notes):
-    """One results file per training run: its last checkpoint, the StepAvg file, or a given step."""
-    by_run = {}
-    for r in runs:
-        by_run.setdefault(r["run"] if r["run"] is not None else id(r), []).append(r)
-    chosen = []
-    for name, group in by_run.items():
-        if step == "stepavg":
-            pick = [r for r in group if r["step"] is None and r["run"] is not None]
-        elif step == "last":
-            checkpoints = [r for r in group if r["step"] is not None] or group
-            pick = [max(checkpoints, key=lambda r: r["step"] or 0)]
-        else:
-            pick = [r for r in group if r["step"] == int(step)]
-        if not pick:
-            note(notes, f"run {name}: no results for --step={step} (it has steps "
-                        f"{sorted(str(r['step']) for r in group)}); left out")
-        elif len(group) > 1 and step == "last":
-            note(notes, f"run {name}: {len(group)} results files; using step {pick[0]['step']} "
-                        f"(--step=stepavg uses the checkpoint average, the paper's StepAvg)")
-        chosen += pick[:1]
-    return chosen
-
-
-def read_runs(paths, step, notes):
-    runs = []
-    for path, root in find_inputs(paths):
-        if path.lower().endswith(".csv"):
-            runs += read_table_csv(path, notes)
-        else:
-            runs.append(read_results_json(path, root))
-    json_runs = [r for r in runs if r["where"].endswith(".json")]
-    if json_runs:
-        runs = [r for r in runs if not r["where"].endswith(".json")] + pick_steps(json_runs, step, notes)
-    untrained = [r for r in runs if not r["mixture"]]
-    if untrained:
-        note(notes, f"{len(untrained)} results without a training mixture (a base model?) are not used: "
-                    f"{', '.join(r['where'] for r in untrained[:3])}")
-    return [r for r in runs if r["mixture"]]
-
-
-def parse_objective(text):
-    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]. Only '+' separates
-    terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
-    terms = []
-    for term in text.replace(" ", "").split("+"):
-        coefficient, times, name = term.rpartition("*")
-        if times and not coefficient:
-            raise InputError(f"--objective={text!r}: the term {term!r} has a '*' with no number before it "
-                             f"(write e.g. 0.5*{name or 'out_score'})")
-        if not name:
-            raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
-                             f"0.5*in_score+0.5*out_score")
-        try:
-            terms.append((float(coefficient) if coefficient else 1.0, name))
-        except ValueError:
-            raise InputError(f"--objective={text!r}: {coefficient!r} is not a number (write e.g. 0.5*out_score)")
-    return terms
-
-
-def score_of(run, name):
-    """A run's score by name (case and _ ignored), as a float; None when the run lacks it."""
-    found = [k for k in run["scores"] if score_key(k) == score_key(name)]
-    if not found:
-        return None
-    value = run["scores"][found[0]]
-    if isinstance(value, str):
-        return parse_number(value, f"{run['where']} column {found[0]}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{run['where']}: score {found[0]!r} is {value!r}, not a finite number")
-    return float(value)
-
-
-def objective_value(run, terms, objective):
-    total = 0.0
-    for coefficient, name in terms:
-        value = score_of(run, name)
-        if value is None:
-            raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
-                             f"it has {sorted(run['scores'])}")
-        total += coefficient * value
-    if not abs(total) < LARGEST_OBJECTIVE:  # also catches inf and nan (inf - inf)
-        raise InputError(f"{run['where']}: --objective={objective!r} comes to {total!r} for this run; scores must "
-                         f"be finite and below {LARGEST_OBJECTIVE:g} in size (their squares must fit a float): "
-                         f"check this file's scores")
-    return total
-
-
-def check_mixture(mixture, where, notes_sums):
-    """Weights as floats summing to 1. Negative or non-numeric weights are errors; other sums are normalised."""
-    if not isinstance(mixture, dict):
-        raise InputError(f"{where}: the mixture must be {{domain: weight}}, got {mixture!r}")
-    clean = {}
-    for domain, w in mixture.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise InputError(f"{where}: weight of {domain!r} is {w!r}, not a finite number")
-        if w < 0:
-            raise InputError(f"{where}: weight of {domain!r} is negative ({w}); weights must be >= 0")
-        clean[domain] = float(w)
-    total = sum(clean.values())
-    if total <= 0:
-        raise InputError(f"{where}: all mixture weights are zero")
-    if abs(total - 1) > 1e-6:
-        notes_sums.append((where, total))
-    return {d: w / total for d, w in clean.items()}
-
-
-def check_domain_sets(runs, notes):
-    """Results files list only the domains a run trained on, so a domain missing from a file means weight 0. Runs
-    that share no domain with the others at all are probably from another study: say so."""
-    domains = list(dict.fromkeys(d for r in runs for d in r["mixture"]))  # first-seen order
-    partial = [r for r in runs if set(r["mixture"]) != set(domains)]
-    if partial and any(r["where"].endswith(".json") for r in partial):
-        note(notes, f"{len(partial)} runs do not list every domain; their missing domains count as weight 0 "
-                    f"(e.g. {partial[0]['where']} lacks {sorted(set(domains) - set(partial[0]['mixture']))})")
-    groups = []  # connected components of runs linked by a shared domain with positive weight
-    for r in runs:
-        used = {d for d, w in r["mixture"].items() if w > 0}
-        linked = [g for g in groups if g & used]
-        merged = used.union(*linked) if linked else used
-        groups = [g for g in groups if not g & used] + [merged]
-    if len(groups) > 1 and len(runs) > len(groups):
-        note(notes, f"the runs fall into {len(groups)} groups with no trained domain in common "
-                    f"({'; '.join(str(sorted(g)) for g in groups)}): check that they belong to one study")
-    return domains
-
-
-def build_dataset(runs, objective, notes):
-    """Matrix of mixtures W (one row per distinct mixture), objective values y, and the noise estimate from
-    repeated runs of one mixture (averaged here)."""
-    if not runs:
-        raise InputError("no runs with a known mixture to learn from")
-    terms = parse_objective(objective)
-    sums = []
-    for r in runs:
-        r["mixture"] = check_mixture(r["mixture"], r["where"], sums)
-        r["y"] = objective_value(r, terms, objective)
-    if sums:
-        totals = [t for _, t in sums]
-        note(notes, f"{len(sums)} mixtures did not sum to 1 (sums {min(totals):.4g} to {max(totals):.4g}, e.g. "
-                    f"{sums[0][0]}): normalised")
-    domains = check_domain_sets(runs, notes)
-    groups = {}
-    for r in runs:
-        key = tuple(round(r["mixture"].get(d, 0.0), 6) for d in domains)
-        groups.setdefault(key, []).append(r)
-    W = np.array([list(k) for k in groups])
-    W /= W.sum(1, keepdims=True)
-    y = np.array([np.mean([r["y"] for r in g]) for g in groups.values()])
-    labels = [" = ".join(r["label"] for r in g) for g in groups.values()]
-    repeated = [g for g in groups.values() if len(g) > 1]
-    noise_sd = None
-    if repeated:
-        # pooled within-mixture standard deviation: the run-to-run noise of one objective value
-        dev = sum(np.sum((np.array([r["y"] for r in g]) - np.mean([r["y"] for r in g])) ** 2) for g in repeated)
-        noise_sd = float(np.sqrt(dev / sum(len(g) - 1 for g in repeated)))
-        note(notes, f"{len(repeated)} mixtures were run more than once ({sum(len(g) for g in repeated)} runs): "
-                    f"averaged; their spread gives a run-to-run noise SD of {noise_sd:.4g}")
-    if len(y) < 3:
-        raise InputError(f"need at least 3 distinct mixtures to fit anything; got {len(y)}")
-    if np.ptp(y) == 0:
-        raise InputError(f"the objective {objective!r} is the same ({y[0]:.4g}) for every run: nothing to learn")
-    fixed = {d: round(float(W[0, j]), 4) for j, d in enumerate(domains) if np.ptp(W[:, j]) <= 1e-9}
-    if fixed:
-        note(notes, f"weights that are the same in every run ({fixed}): their effect cannot be estimated, so "
-                    f"proposals hold them there")
-    return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
-            "groups": list(groups.values())}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The paper's heuristics (Algorithms 1-3), computed from the seed runs: runs whose included datasets are weighted
 # equally (single-dataset, exclude-one, all).
 
@@ -1014,6 +729,291 @@ def write_json_atomic(path, payload):
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+def score_key(name):
+    """'OutScore', 'out_score' and 'out-score' all name the same score."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def run_name(path, root):
+    """A run's name: its folder (the one above eval/<checkpoint>/, where evaluate.py writes) relative to the folder
+    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.dirname(folder)) == "eval":
+        folder = os.path.dirname(os.path.dirname(folder))
+    if root is None:
+        return os.path.basename(folder)
+    relative = os.path.relpath(folder, os.path.abspath(root))
+    return os.path.basename(folder) if relative == "." else relative
+
+
+def read_results_json(path, root=None):
+    """One run from evaluate.py's results.json: its mixture and every score (in_score, out_score, each benchmark)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as JSON ({e})")
+    if not isinstance(results, dict) or "mixture" not in results:
+        raise InputError(f"{path}: not an evaluate.py results file (no 'mixture' field)")
+    scores = {}
+    for name, bench in (results.get("benchmarks") or {}).items():
+        if isinstance(bench, dict) and bench.get("score") is not None:
+            scores[name] = bench["score"]
+    for name in ("in_score", "out_score"):
+        if results.get(name) is not None:
+            scores[name] = results[name]
+    name = run_name(path, root)
+    return {"label": name, "where": path, "mixture": results["mixture"], "scores": scores, "run": name,
+            "step": results.get("step")}
+
+
+def table2_mixture(run):
+    """Table 2's convention: the digits of `run` list the included datasets, weighted equally."""
+    digits = [int(c) for c in run]
+    bad = [d for d in digits if not 1 <= d <= len(PAPER_DOMAINS)]
+    if bad:
+        raise ValueError(f"dataset digit {bad[0]} (the paper's datasets are 1-{len(PAPER_DOMAINS)})")
+    return {PAPER_DOMAINS[d - 1]: 1.0 / len(digits) for d in digits}
+
+
+def read_table_csv(path, notes):
+    """Runs from a CSV: weight columns `w_<domain>`, or Table 2's `run` digits. Other numeric columns are scores."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read it as CSV ({e})")
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    columns = list(rows[0])
+    weight_columns = [c for c in columns if c.startswith("w_")]
+    if not weight_columns and "run" not in columns:
+        raise InputError(f"{path}: no mixture columns: expected `w_<domain>` weight columns or Table 2's `run` "
+                         f"column; found {columns}")
+    score_columns = [c for c in columns if c not in ("group", "run", "label") and c not in weight_columns]
+    runs, skipped = [], []
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        where = f"{path} row {i}"
+        label = " ".join(row[c] for c in ("group", "run", "label") if row.get(c)) or f"row {i}"
+        if weight_columns:
+            mixture = {c[2:]: parse_number(row[c], f"{where} column {c}") for c in weight_columns}
+        elif re.fullmatch(r"\d+", row["run"] or "") and len(set(row["run"])) == len(row["run"]):
+            try:
+                mixture = table2_mixture(row["run"])
+            except ValueError as e:
+                raise InputError(f"{where}: run {row['run']!r} names {e}")
+        else:  # Base (no training), the heuristic and model-based rows: the paper did not publish their weights
+            skipped.append(label)
+            continue
+        # kept as text: a column is parsed (and a bad cell reported) only when the objective uses it
+        scores = {c: row[c] for c in score_columns if (row[c] or "").strip()}
+        runs.append({"label": label, "where": where, "mixture": mixture, "scores": scores, "run": None, "step": None})
+    if skipped:
+        note(notes, f"{path}: {len(skipped)} rows have no known mixture and are not used for fitting "
+                    f"({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})")
+    return runs
+
+
+def parse_number(text, where):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {text!r} is not a number")
+    if not math.isfinite(value):
+        raise InputError(f"{where}: {text!r} is not a finite number")
+    return value
+
+
+def find_inputs(paths):
+    """(file, the folder it was found under or None) to read: CSVs and results.json files as given; folders give
+    every results.json below them."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
+            if not found:
+                raise InputError(f"{path}: no results.json below this folder")
+            files += [(f, path) for f in found]
+        elif os.path.isfile(path):
+            files.append((path, None))
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return files
+
+
+def pick_steps(runs, step, notes):
+    """One results file per training run: its last checkpoint, the StepAvg file, or a given step."""
+    by_run = {}
+    for r in runs:
+        by_run.setdefault(r["run"] if r["run"] is not None else id(r), []).append(r)
+    chosen = []
+    for name, group in by_run.items():
+        if step == "stepavg":
+            pick = [r for r in group if r["step"] is None and r["run"] is not None]
+        elif step == "last":
+            checkpoints = [r for r in group if r["step"] is not None] or group
+            pick = [max(checkpoints, key=lambda r: r["step"] or 0)]
+        else:
+            pick = [r for r in group if r["step"] == int(step)]
+        if not pick:
+            note(notes, f"run {name}: no results for --step={step} (it has steps "
+                        f"{sorted(str(r['step']) for r in group)}); left out")
+        elif len(group) > 1 and step == "last":
+            note(notes, f"run {name}: {len(group)} results files; using step {pick[0]['step']} "
+                        f"(--step=stepavg uses the checkpoint average, the paper's StepAvg)")
+        chosen += pick[:1]
+    return chosen
+
+
+def read_runs(paths, step, notes):
+    runs = []
+    for path, root in find_inputs(paths):
+        if path.lower().endswith(".csv"):
+            runs += read_table_csv(path, notes)
+        else:
+            runs.append(read_results_json(path, root))
+    json_runs = [r for r in runs if r["where"].endswith(".json")]
+    if json_runs:
+        runs = [r for r in runs if not r["where"].endswith(".json")] + pick_steps(json_runs, step, notes)
+    untrained = [r for r in runs if not r["mixture"]]
+    if untrained:
+        note(notes, f"{len(untrained)} results without a training mixture (a base model?) are not used: "
+                    f"{', '.join(r['where'] for r in untrained[:3])}")
+    return [r for r in runs if r["mixture"]]
+
+
+def parse_objective(text):
+    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]. Only '+' separates
+    terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
+    terms = []
+    for term in text.replace(" ", "").split("+"):
+        coefficient, times, name = term.rpartition("*")
+        if times and not coefficient:
+            raise InputError(f"--objective={text!r}: the term {term!r} has a '*' with no number before it "
+                             f"(write e.g. 0.5*{name or 'out_score'})")
+        if not name:
+            raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
+                             f"0.5*in_score+0.5*out_score")
+        try:
+            terms.append((float(coefficient) if coefficient else 1.0, name))
+        except ValueError:
+            raise InputError(f"--objective={text!r}: {coefficient!r} is not a number (write e.g. 0.5*out_score)")
+    return terms
+
+
+def score_of(run, name):
+    """A run's score by name (case and _ ignored), as a float; None when the run lacks it."""
+    found = [k for k in run["scores"] if score_key(k) == score_key(name)]
+    if not found:
+        return None
+    value = run["scores"][found[0]]
+    if isinstance(value, str):
+        return parse_number(value, f"{run['where']} column {found[0]}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{run['where']}: score {found[0]!r} is {value!r}, not a finite number")
+    return float(value)
+
+
+def objective_value(run, terms, objective):
+    total = 0.0
+    for coefficient, name in terms:
+        value = score_of(run, name)
+        if value is None:
+            raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
+                             f"it has {sorted(run['scores'])}")
+        total += coefficient * value
+    if not abs(total) < LARGEST_OBJECTIVE:  # also catches inf and nan (inf - inf)
+        raise InputError(f"{run['where']}: --objective={objective!r} comes to {total!r} for this run; scores must "
+                         f"be finite and below {LARGEST_OBJECTIVE:g} in size (their squares must fit a float): "
+                         f"check this file's scores")
+    return total
+
+
+def check_mixture(mixture, where, notes_sums):
+    """Weights as floats summing to 1. Negative or non-numeric weights are errors; other sums are normalised."""
+    if not isinstance(mixture, dict):
+        raise InputError(f"{where}: the mixture must be {{domain: weight}}, got {mixture!r}")
+    clean = {}
+    for domain, w in mixture.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InputError(f"{where}: weight of {domain!r} is {w!r}, not a finite number")
+        if w < 0:
+            raise InputError(f"{where}: weight of {domain!r} is negative ({w}); weights must be >= 0")
+        clean[domain] = float(w)
+    total = sum(clean.values())
+    if total <= 0:
+        raise InputError(f"{where}: all mixture weights are zero")
+    if abs(total - 1) > 1e-6:
+        notes_sums.append((where, total))
+    return {d: w / total for d, w in clean.items()}
+
+
+def check_domain_sets(runs, notes):
+    """Results files list only the domains a run trained on, so a domain missing from a file means weight 0. Runs
+    that share no domain with the others at all are probably from another study: say so."""
+    domains = list(dict.fromkeys(d for r in runs for d in r["mixture"]))  # first-seen order
+    partial = [r for r in runs if set(r["mixture"]) != set(domains)]
+    if partial and any(r["where"].endswith(".json") for r in partial):
+        note(notes, f"{len(partial)} runs do not list every domain; their missing domains count as weight 0 "
+                    f"(e.g. {partial[0]['where']} lacks {sorted(set(domains) - set(partial[0]['mixture']))})")
+    groups = []  # connected components of runs linked by a shared domain with positive weight
+    for r in runs:
+        used = {d for d, w in r["mixture"].items() if w > 0}
+        linked = [g for g in groups if g & used]
+        merged = used.union(*linked) if linked else used
+        groups = [g for g in groups if not g & used] + [merged]
+    if len(groups) > 1 and len(runs) > len(groups):
+        note(notes, f"the runs fall into {len(groups)} groups with no trained domain in common "
+                    f"({'; '.join(str(sorted(g)) for g in groups)}): check that they belong to one study")
+    return domains
+
+
+def build_dataset(runs, objective, notes):
+    """Matrix of mixtures W (one row per distinct mixture), objective values y, and the noise estimate from
+    repeated runs of one mixture (averaged here)."""
+    if not runs:
+        raise InputError("no runs with a known mixture to learn from")
+    terms = parse_objective(objective)
+    sums = []
+    for r in runs:
+        r["mixture"] = check_mixture(r["mixture"], r["where"], sums)
+        r["y"] = objective_value(r, terms, objective)
+    if sums:
+        totals = [t for _, t in sums]
+        note(notes, f"{len(sums)} mixtures did not sum to 1 (sums {min(totals):.4g} to {max(totals):.4g}, e.g. "
+                    f"{sums[0][0]}): normalised")
+    domains = check_domain_sets(runs, notes)
+    groups = {}
+    for r in runs:
+        key = tuple(round(r["mixture"].get(d, 0.0), 6) for d in domains)
+        groups.setdefault(key, []).append(r)
+    W = np.array([list(k) for k in groups])
+    W /= W.sum(1, keepdims=True)
+    y = np.array([np.mean([r["y"] for r in g]) for g in groups.values()])
+    labels = [" = ".join(r["label"] for r in g) for g in groups.values()]
+    repeated = [g for g in groups.values() if len(g) > 1]
+    noise_sd = None
+    if repeated:
+        # pooled within-mixture standard deviation: the run-to-run noise of one objective value
+        dev = sum(np.sum((np.array([r["y"] for r in g]) - np.mean([r["y"] for r in g])) ** 2) for g in repeated)
+        noise_sd = float(np.sqrt(dev / sum(len(g) - 1 for g in repeated)))
+        note(notes, f"{len(repeated)} mixtures were run more than once ({sum(len(g) for g in repeated)} runs): "
+                    f"averaged; their spread gives a run-to-run noise SD of {noise_sd:.4g}")
+    if len(y) < 3:
+        raise InputError(f"need at least 3 distinct mixtures to fit anything; got {len(y)}")
+    if np.ptp(y) == 0:
+        raise InputError(f"the objective {objective!r} is the same ({y[0]:.4g}) for every run: nothing to learn")
+    fixed = {d: round(float(W[0, j]), 4) for j, d in enumerate(domains) if np.ptp(W[:, j]) <= 1e-9}
+    if fixed:
+        note(notes, f"weights that are the same in every run ({fixed}): their effect cannot be estimated, so "
+                    f"proposals hold them there")
+    return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
+            "groups": list(groups.values())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
