@@ -281,11 +281,12 @@ def verdict(rows, noise, predicted, objective):
     seeds = [r for r in rows.values() if r["run"].group in ("Single", "ExcludeOne")]
     lines = []
     if noise["margin"] is None:
+        others = sorted(proposals + seeds, key=lambda r: -r["objective"])
         lines.append(f"The noise floor is unknown ({noise['n']} uniform run{'s' if noise['n'] > 1 else ''} "
                      f"finished{', all with the same score' if noise['sd'] == 0 else ''}): no difference from "
-                     "uniform can be called real. Differences from the uniform mean, for the record: " +
-                     ", ".join(f"{r['run'].name} {r['objective'] - noise['mean']:+.4f}"
-                               for r in sorted(proposals, key=lambda r: -r["objective"])) + ".")
+                     "uniform can be called real." + (" Differences from the uniform mean, for the record: " + ", ".join(
+                         f"{r['run'].name} {r['objective'] - noise['mean']:+.4f}" for r in others) + "." if others
+                                                       else ""))
     else:
         for label, group in (("proposed", proposals), ("seed", seeds)):
             if not group:
@@ -424,6 +425,13 @@ def write_report(out_dir, planned, rows, failures, not_proposed, predicted, obje
     return lines
 
 
+def read_mixtures(path):
+    """predict_mixture.py's mixtures.json: {name: predicted objective} of every mixture it proposes, and its notes."""
+    with open(path) as f:
+        mixtures = json.load(f)
+    return {p["name"]: p["predicted"] for p in mixtures["proposals"]}, mixtures["notes"]
+
+
 def why_not_proposed(name, notes):
     """predict_mixture.py's notes that say why it made no mixture of this name (all of them if none does)."""
     family = "QuadSurface" if name.startswith("quad_surface_") else name
@@ -539,6 +547,8 @@ def main(argv=None):
         base = base_steps(config, data_dir)
         predict = [] if os.path.isfile(mixtures_path) else predict_steps(seed_folders, out_dir, config,
                                                                          args.objective, n_ours)
+        if not predict:  # only what the prediction proposed
+            proposal_runs = [r for r in proposal_runs if r.name in read_mixtures(mixtures_path)[0]]
         print_commands(args.print_commands, [("base", [base] if base else []),
                                              ("seed", list(steps_of(seed_runs).values())),
                                              ("predict", [predict] if predict else []),
@@ -561,11 +571,8 @@ def main(argv=None):
             failures.update(run_jobs({"predict": predict_steps(finished, out_dir, config, args.objective, n_ours)},
                                      1, logs_dir, "predict"))
     if os.path.isfile(mixtures_path):
-        with open(mixtures_path) as f:
-            mixtures = json.load(f)
-        predicted = {p["name"]: p["predicted"] for p in mixtures["proposals"]}
-        not_proposed = {r.name: why_not_proposed(r.name, mixtures["notes"]) for r in proposal_runs
-                        if r.name not in predicted}
+        predicted, notes = read_mixtures(mixtures_path)
+        not_proposed = {r.name: why_not_proposed(r.name, notes) for r in proposal_runs if r.name not in predicted}
         chosen = [r for r in proposal_runs if r.name in predicted]
         start_over_unstarted(chosen, out_dir)
         failures.update(run_jobs(steps_of(chosen), args.jobs, logs_dir, "proposal runs"))
