@@ -50,12 +50,12 @@ from collections import namedtuple
 
 from tqdm import tqdm
 
+import cold_start
 import predict_mixture
 import train_grpo
 import vlm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLD_START_OUT = "out/cold_start"   # where cold_start.py writes by default; init_from naming it means "make it"
 HEURISTICS = ["alpha_in", "alpha_out", "alpha_bal", "coli", "norm"]
 DEFAULT_PROPOSALS = HEURISTICS + ["quad_surface_1", "proposal_1", "proposal_2", "proposal_3"]
 GROUPS = ["Single", "ExcludeOne", "All", "Heuristic", "ModelBased", "Ours"]
@@ -131,28 +131,29 @@ def script(name):
     return os.path.relpath(os.path.join(HERE, name))
 
 
-def run_steps(run, out_dir, train_args, data_dir, limit):
+def run_commands(run, out_dir, train_args, data_dir, limit):
     """The commands a run still needs: training (fresh or resumed) unless it is done, then evaluation."""
     folder = run_folder(out_dir, run.name)
-    steps, state = [], training_state(folder)
+    commands, state = [], training_state(folder)
     if state != "done":
-        steps.append(("train", [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args,
+        commands.append(("train", [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args,
                                 f"--seed={run.seed}", f"--out_dir={folder}"] + (["--resume"] if state == "resume"
                                                                                  else [])))
     if state != "done" or not is_evaluated(folder):
-        steps.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
+        commands.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
                       (["--limit", str(limit)] if limit else [])))
-    return steps
+    return commands
 
 
-def base_steps(config, data_dir):
-    """cold_start.py when the runs start from its default output; it does nothing when that is up to date."""
-    if config["init_from"] != COLD_START_OUT:
+def base_commands(config, data_dir):
+    """cold_start.py when the runs start from its default output (train_grpo.py's default init_from); it does
+    nothing when that is up to date. Any other init_from (a hub model, a folder) is used as it is."""
+    if config["init_from"] != cold_start.DEFAULTS["out_dir"]:
         return []
     return [("cold_start", [sys.executable, script("cold_start.py"), f"--data_dir={data_dir}"])]
 
 
-def predict_steps(seed_folders, out_dir, config, objective, n_ours):
+def predict_commands(seed_folders, out_dir, config, objective, n_ours):
     argv = [sys.executable, script("predict_mixture.py"), *seed_folders, f"--objective={objective}", "--out_dir",
             os.path.join(out_dir, "predict"), f"--proposals={n_ours}", "--quiet"]
     if config["max_steps"] > 0:  # the availability caps of the proposal runs (w_d <= |D_d| / prompts drawn)
@@ -193,31 +194,31 @@ def run_jobs(jobs, parallel, logs_dir, desc):
     waiting, running, failures = list(jobs.items()), {}, {}
     bar = tqdm(total=len(jobs), desc=desc, unit="job", dynamic_ncols=True, disable=not jobs)
 
-    def start(name, steps):
-        what, argv = steps[0]
+    def start(name, commands):
+        what, argv = commands[0]
         path = os.path.join(logs_dir, f"{name}.{what}.log")
         log = open(path, "a")
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown(argv)}\n")
         log.flush()
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    preexec_fn=die_with_parent(os.getpid()))
-        running[name] = (process, steps, log, path)
+        running[name] = (process, commands, log, path)
 
     while waiting or running:
         while waiting and len(running) < parallel:
             start(*waiting.pop(0))
         time.sleep(0.2)
-        for name, (process, steps, log, path) in list(running.items()):
+        for name, (process, commands, log, path) in list(running.items()):
             code = process.poll()
             if code is None:
                 continue
             log.close()
             del running[name]
-            if code == 0 and len(steps) > 1:
-                start(name, steps[1:])
+            if code == 0 and len(commands) > 1:
+                start(name, commands[1:])
                 continue
             if code != 0:
-                failures[name] = f"{steps[0][0]} failed (exit code {code}); last lines of {path}:\n{log_tail(path)}"
+                failures[name] = f"{commands[0][0]} failed (exit code {code}); last lines of {path}:\n{log_tail(path)}"
                 tqdm.write(f"FAILED {name}: {failures[name]}\n")
             bar.update()
     bar.close()
@@ -503,7 +504,7 @@ def check_settings(out_dir, settings, record):
             raise SystemExit(f"error: {out_dir} holds a study with other {', '.join(changed)} ({path}); use another "
                              "--out_dir, or delete that folder to start over")
     elif record:
-        write_atomic(path, json.dumps(settings, indent=1) + "\n")
+        vlm.write_json_atomic(path, settings)
 
 
 def lock(out_dir):
@@ -520,8 +521,8 @@ def print_commands(stage, stages):
     for name, jobs in stages:
         if stage in ("all", name):
             print(f"# {name}")
-            for steps in jobs:
-                print(" && ".join(shown(argv) for _, argv in steps))
+            for commands in jobs:
+                print(" && ".join(shown(argv) for _, argv in commands))
     print("# then: the same study.py command again, which finds these done and writes the report")
 
 
@@ -539,20 +540,20 @@ def main(argv=None):
                 "seed_runs": [r.name for r in seed_runs], "proposals": args.proposals}
     seed_folders = [run_folder(out_dir, r.name) for r in seed_runs]
 
-    def steps_of(runs):
-        return {r.name: s for r in runs if (s := run_steps(r, out_dir, train_args, data_dir, limit))}
+    def commands_of(runs):
+        return {r.name: c for r in runs if (c := run_commands(r, out_dir, train_args, data_dir, limit))}
 
     if args.print_commands:
         check_settings(out_dir, settings, record=False)
-        base = base_steps(config, data_dir)
-        predict = [] if os.path.isfile(mixtures_path) else predict_steps(seed_folders, out_dir, config,
+        base = base_commands(config, data_dir)
+        predict = [] if os.path.isfile(mixtures_path) else predict_commands(seed_folders, out_dir, config,
                                                                          args.objective, n_ours)
         if not predict:  # only what the prediction proposed
             proposal_runs = [r for r in proposal_runs if r.name in read_mixtures(mixtures_path)[0]]
         print_commands(args.print_commands, [("base", [base] if base else []),
-                                             ("seed", list(steps_of(seed_runs).values())),
+                                             ("seed", list(commands_of(seed_runs).values())),
                                              ("predict", [predict] if predict else []),
-                                             ("proposals", list(steps_of(proposal_runs).values()))])
+                                             ("proposals", list(commands_of(proposal_runs).values()))])
         return 0
 
     logs_dir = os.path.join(out_dir, "logs")
@@ -560,22 +561,22 @@ def main(argv=None):
     held = lock(out_dir)
     check_settings(out_dir, settings, record=True)
     started = time.time()
-    failures = run_jobs({"base": base_steps(config, data_dir)} if base_steps(config, data_dir) else {}, 1, logs_dir,
-                        "base")
-    not_proposed, predicted = {}, {}
-    if not failures:
+    base = base_commands(config, data_dir)
+    failures = run_jobs({"base": base} if base else {}, 1, logs_dir, "base")
+    if not failures:  # every run starts from the base
         start_over_unstarted(seed_runs, out_dir)
-        failures.update(run_jobs(steps_of(seed_runs), args.jobs, logs_dir, "seed runs"))
+        failures.update(run_jobs(commands_of(seed_runs), args.jobs, logs_dir, "seed runs"))
         finished = [f for f in seed_folders if is_evaluated(f)]
         if not os.path.isfile(mixtures_path) and finished:
-            failures.update(run_jobs({"predict": predict_steps(finished, out_dir, config, args.objective, n_ours)},
+            failures.update(run_jobs({"predict": predict_commands(finished, out_dir, config, args.objective, n_ours)},
                                      1, logs_dir, "predict"))
-    if os.path.isfile(mixtures_path):
-        predicted, notes = read_mixtures(mixtures_path)
-        not_proposed = {r.name: why_not_proposed(r.name, notes) for r in proposal_runs if r.name not in predicted}
-        chosen = [r for r in proposal_runs if r.name in predicted]
+    predicted, notes = read_mixtures(mixtures_path) if os.path.isfile(mixtures_path) else ({}, [])
+    chosen = [r for r in proposal_runs if r.name in predicted]
+    if chosen and "base" not in failures:
         start_over_unstarted(chosen, out_dir)
-        failures.update(run_jobs(steps_of(chosen), args.jobs, logs_dir, "proposal runs"))
+        failures.update(run_jobs(commands_of(chosen), args.jobs, logs_dir, "proposal runs"))
+    not_proposed = {r.name: why_not_proposed(r.name, notes) for r in proposal_runs
+                    if predicted and r.name not in predicted}
     planned = seed_runs + proposal_runs
     rows = measure(planned, out_dir, args.objective)
     table = results_table([r["path"] for r in rows.values()])

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import study
+from tiny_runs import cold_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -19,7 +20,7 @@ SEED_RUNS = ["single_syn_count", "exclude_syn_count", "uniform", "uniform_seed1"
 
 
 def tiny_training(data_dir, base):
-    return [f"--data_dir={data_dir}", f"--init_from={base}", "--cold_start_steps=0", "--max_steps=2",
+    return [f"--data_dir={data_dir}", f"--init_from={base}", "--max_steps=2",
             "--max_completion_length=16", "--prompts_per_step=2", "--checkpoint_every=1"]
 
 
@@ -55,10 +56,7 @@ def smoke(tmp_path_factory):
     data_dir, base, out_dir = root / "data", root / "base", root / "study"
     subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--n_train", "40", "--n_test", "4",
                     "--data_dir", str(data_dir)], env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), f"--data_dir={data_dir}",
-                    f"--out_dir={root / 'warm'}", f"--cold_start_dir={base}", "--cold_start_steps=40",
-                    "--max_steps=1", "--max_completion_length=16", "--prompts_per_step=2"],
-                   env=ENV, check=True, capture_output=True)
+    cold_start(data_dir, base, "--steps=40")
     argv = [sys.executable, os.path.join(ROOT, "study.py"), *tiny_training(data_dir, base), f"--out_dir={out_dir}",
             "--seed_runs=single_syn_count,exclude_syn_count", "--noise_seeds=2", "--proposals=proposal_1,norm",
             "--jobs=2"]
