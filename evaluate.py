@@ -4,6 +4,7 @@ Scores checkpoints (or a base model) on the in-domain and out-of-domain test set
 
     python evaluate.py out/grpo                        # every checkpoint of a run, then the run's StepAvg
     python evaluate.py out/grpo/ckpt-000200            # one checkpoint
+    python evaluate.py out/grpo --last                 # the run's newest checkpoint only
     python evaluate.py tiny --max_new_tokens 64        # a base model: "tiny", a hub name or a save_pretrained folder
     torchrun --nproc_per_node 8 evaluate.py out/grpo   # data-parallel: each process generates a slice
     python evaluate.py --table out                     # Table 2 from every results.json under out/
@@ -571,11 +572,12 @@ def base_model(source, out_dir):
     return Model(source, name, None, 0, {}, {}, folder)
 
 
-def resolve_models(targets, out_dir):
+def resolve_models(targets, out_dir, last=False):
     models = []
     for target in targets:
         if os.path.isdir(target) and is_run_folder(target):
-            models += [checkpoint_model(folder) for folder in run_checkpoints(target)]
+            folders = run_checkpoints(target)
+            models += [checkpoint_model(folder) for folder in (folders[-1:] if last else folders)]
         elif os.path.isdir(target) and (os.path.isfile(os.path.join(target, "trainer_state.json")) or
                                         re.fullmatch(r"ckpt-\d+(\.partial)?", os.path.basename(os.path.normpath(target)))):
             models.append(checkpoint_model(target))
@@ -924,6 +926,8 @@ def parse_args(argv):
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="a run folder (every ckpt-NNNNNN in it), a checkpoint folder, or a base model: 'tiny', a hub "
                         "name or a save_pretrained folder")
+    p.add_argument("--last", action="store_true",
+                   help="a run folder: only its newest checkpoint (the end of a finished run), not every one")
     p.add_argument("--table", nargs="+", metavar="PATH",
                    help="print the markdown table of these results.json files (folders: every results.json under "
                         "them) and exit")
@@ -996,7 +1000,7 @@ def main(argv=None):
         if rank == 0:
             print(message, flush=True)
 
-    models = resolve_models(args.models, args.out_dir)
+    models = resolve_models(args.models, args.out_dir, args.last)
     sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match,
                           args.reward_mode, args.lmms_eval)
     log(f"{len(models)} model(s) x {len(sets)} set(s) ({', '.join(f'{s.name} {s.role} {s.metric}' for s in sets)}), "

@@ -582,6 +582,13 @@ def test_evaluate_tiny_on_prepared_data(prepared, capsys):
                              "syn_science | syn_spatial | ChartQA | InfoVQA | MathVista | MMMU | syn_chart |")
 
 
+def test_last_takes_only_the_newest_checkpoint_of_a_run(workspace):
+    _, _, run_dir = workspace
+    assert [m.step for m in evaluate.resolve_models([run_dir], "")] == [10, 20]
+    newest = evaluate.resolve_models([run_dir], "", last=True)
+    assert [(m.step, m.folder) for m in newest] == [(20, os.path.join(run_dir, "eval", "ckpt-000020"))]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
