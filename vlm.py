@@ -378,15 +378,42 @@ def open_split(data_dir, manifest, domain, split):
     return load_from_disk(folder)
 
 
-def prompt_text(tokenizer, problem, n_images=1):
+# System prompts by name (train_grpo.py's system_prompt, evaluate.py's --system_prompt). "default": none of ours,
+# so the chat template's own applies (Qwen2-VL's "You are a helpful assistant."); "r1": the R1 prompt the official
+# README gives each dataset's converter (R1-V's and open-r1's), for runs that match the official code's.
+SYSTEM_PROMPTS = {
+    "default": None,
+    "r1": ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+           "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+           "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+           "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"),
+}
+
+
+def system_prompt_text(name):
+    """The text of a named system prompt (None for "default"); ValueError names the known ones."""
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"system_prompt {name!r} is not one of {', '.join(SYSTEM_PROMPTS)}")
+    return SYSTEM_PROMPTS[name]
+
+
+def chat_messages(content, system_prompt=None):
+    """The chat of one prompt: the system prompt (when there is one) and the user's content. HF rollouts, the
+    cold start and the vLLM server all build prompts from this, so they see the same tokens."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": content}]
+
+
+def prompt_text(tokenizer, problem, n_images=1, system_prompt=None):
     """The chat-formatted prompt with one <|image_pad|> per image, ready for expansion."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": problem}]
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(chat_messages(content, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length=None):
-    """Left-padded model inputs for a batch of (problem, image) pairs, image optional (None).
+def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length=None, system_prompt=None):
+    """Left-padded model inputs for a batch of (problem, image) pairs, image optional (None), under a system
+    prompt's text (None: the chat template's default).
 
     Each <|image_pad|> is expanded to grid_t * grid_h * grid_w / merge_size**2 tokens, what Qwen2VLProcessor does.
     Returns input_ids, attention_mask, mm_token_type_ids (1 on image tokens: M-RoPE needs it) and, when there
@@ -399,7 +426,7 @@ def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_leng
     image_pad = "<|image_pad|>"
     texts, k = [], 0
     for problem, img in zip(problems, images):
-        text = prompt_text(tokenizer, problem, n_images=0 if img is None else 1)
+        text = prompt_text(tokenizer, problem, n_images=0 if img is None else 1, system_prompt=system_prompt)
         if img is not None:
             text = text.replace(image_pad, image_pad * int(grid[k].prod() // merge), 1)
             k += 1
@@ -709,7 +736,7 @@ class VLLMClient:
         return model
 
     def _chat_body(self, problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
-                   suppress_token_ids):
+                   suppress_token_ids, system_prompt):
         content = [] if image is None else [
             {"type": "image_url", "image_url": {"url": image_data_uri(server_image(image, self.image_processor))}}]
         content.append({"type": "text", "text": problem})
@@ -717,7 +744,7 @@ class VLLMClient:
         # top_k, top_p or repetition_penalty) never apply: the samples come from the plain softmax the trainer
         # scores them with.
         return {
-            "messages": [{"role": "user", "content": content}],
+            "messages": chat_messages(content, system_prompt),
             "n": 1 if greedy else n, "max_tokens": max_new_tokens,
             "temperature": 0.0 if greedy else temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
@@ -726,7 +753,7 @@ class VLLMClient:
         }
 
     def generate(self, problems, images, n=1, max_new_tokens=64, temperature=1.0, greedy=False, prompt_ids=None,
-                 suppress_token_ids=(), ignore_eos=False, logprobs=False):
+                 suppress_token_ids=(), ignore_eos=False, logprobs=False, system_prompt=None):
         """n completions for each (problem, image) pair (image may be None), as vlm.generate returns them: a
         list of prompts * n completion token-id lists, grouped by prompt, each ending with the EOS token
         (<|im_end|>) when it stopped. One request per prompt, all in flight at once so the server batches them.
@@ -737,10 +764,10 @@ class VLLMClient:
         completion makes HF's Qwen2-VL count one image position too many when the trainer scores it.
         ignore_eos: generate max_new_tokens tokens whatever comes (benchmarks). logprobs: also return the
         server's log-probability of each sampled token (of the raw model, before temperature), as a
-        (token ids, logprobs) pair.
+        (token ids, logprobs) pair. system_prompt: its text (None: the chat template's default), as encode_prompts.
         """
         bodies = [self._chat_body(problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
-                                  suppress_token_ids)
+                                  suppress_token_ids, system_prompt)
                   for problem, image in zip(problems, images, strict=True)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(bodies)))) as pool:
             answers = list(pool.map(lambda body: self._call("POST", "/v1/chat/completions", body), bodies))
@@ -756,14 +783,15 @@ class VLLMClient:
                 completion_logprobs += [[t["logprob"] for t in choice["logprobs"]["content"]] for choice in choices]
         return (completions, completion_logprobs) if logprobs else completions
 
-    def generate_for(self, tokenizer, problems, images, max_prompt_length=None, **options):
+    def generate_for(self, tokenizer, problems, images, max_prompt_length=None, system_prompt=None, **options):
         """generate() as the trainer and the evaluator call it: the prompts are encoded with the trainer's own
-        tokenizer and image processor (a prompt over max_prompt_length is an error), so a server that tokenizes
-        one differently is an error, and the vision tokens are never sampled. options: generate()'s."""
-        batch = encode_prompts(tokenizer, self.image_processor, problems, images, max_prompt_length)
+        tokenizer and image processor (a prompt over max_prompt_length is an error), under the same system prompt,
+        so a server that tokenizes one differently is an error, and the vision tokens are never sampled.
+        options: generate()'s."""
+        batch = encode_prompts(tokenizer, self.image_processor, problems, images, max_prompt_length, system_prompt)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         return self.generate(problems, images, prompt_ids=prompt_ids, suppress_token_ids=vision_token_ids(tokenizer),
-                             **options)
+                             system_prompt=system_prompt, **options)
 
     def reload_weights(self, weights_dir):
         """Points the server at weights_dir/model.safetensors (write_weights) and returns once it serves them.

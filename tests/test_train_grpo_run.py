@@ -123,6 +123,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, cold
     assert len(metrics(out)) == checkpoints[0][0]  # nothing logged past the last good step
 
 
+def test_a_failed_checkpoint_write_is_a_message_about_space(data_dir, cold_start_dir, tmp_path):
+    # A real failed write: no file may grow past 1 MiB (RLIMIT_FSIZE, with SIGXFSZ ignored write() fails as on a
+    # full disk); the checkpoint's optimizer state and weights are larger, the logs smaller.
+    out = tmp_path / "run"
+    limited = ("bash", "-c", "ulimit -f 1024; trap '' XFSZ; exec \"$@\"", "bash", sys.executable)
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", "--beta=0", "--log_samples_every=0",
+                 launcher=limited, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"training stopped: writing checkpoint \S*ckpt-000002 failed \(.+\); the disk holding it has "
+                     r"\d+ MiB free and a checkpoint takes about \d+ MiB: free some space", proc.stderr), proc.stderr
+    assert "rerun with --resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]  # the partial folder is gone
+    assert len(metrics(out)) == 2
+
+
 def test_resume_refuses_another_mixture(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, cold_start_dir, "--max_steps=2", "--log_samples_every=0")
@@ -165,3 +180,11 @@ def test_wandb_log_gets_every_metrics_line_offline(data_dir, cold_start_dir, tmp
     for row, line in zip(logged, lines):
         assert row["_step"] == line["step"]
         assert {k: row[k] for k in line} == line  # every field, timings too, as metrics.jsonl has it
+
+
+def test_an_out_dir_that_is_a_file_stops_the_run_before_anything_loads(data_dir, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    proc = train(data_dir, tmp_path / "run", tmp_path / "no_such_model", "--max_steps=1", check=False)
+    # the out_dir error comes first: neither the data nor the (missing) start model was looked at
+    assert proc.returncode == 1 and "is a file, not a folder" in proc.stderr and "init_from" not in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback

@@ -75,6 +75,20 @@ def test_image_pads_expand_to_grid_tokens(tiny):
     assert text.replace("<|endoftext|>", "").endswith("<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_system_prompt_replaces_the_templates_own(tiny):
+    _, tokenizer, image_processor = tiny
+    r1 = vlm.system_prompt_text("r1")
+    assert r1.startswith("A conversation between User and Assistant.") and vlm.system_prompt_text("default") is None
+    plain, with_r1 = (tokenizer.decode(vlm.encode_prompts(tokenizer, image_processor, ["c"], [None],
+                                                          system_prompt=system)["input_ids"][0])
+                      for system in (None, r1))
+    assert plain.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nc")
+    assert with_r1.startswith(f"<|im_start|>system\n{r1}<|im_end|>\n<|im_start|>user\nc<|im_end|>\n")
+    assert vlm.prompt_text(tokenizer, "c", n_images=0, system_prompt=r1) == with_r1
+    with pytest.raises(ValueError, match="system_prompt 'R1' is not one of default, r1"):
+        vlm.system_prompt_text("R1")
+
+
 def test_prompt_over_limit_is_an_error(tiny):
     _, tokenizer, image_processor = tiny
     with pytest.raises(ValueError, match="max_prompt_length=10"):
