@@ -134,14 +134,15 @@ def script(name):
 def run_commands(run, out_dir, train_args, data_dir, limit):
     """The commands a run still needs: training (fresh or resumed) unless it is done, then evaluation."""
     folder = run_folder(out_dir, run.name)
+    if is_evaluated(folder):  # evaluate.py checked the final checkpoint: no need to hash its weights again
+        return []
     commands, state = [], training_state(folder)
     if state != "done":
-        commands.append(("train", [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args,
-                                f"--seed={run.seed}", f"--out_dir={folder}"] + (["--resume"] if state == "resume"
-                                                                                 else [])))
-    if state != "done" or not is_evaluated(folder):
-        commands.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
-                      (["--limit", str(limit)] if limit else [])))
+        train = [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args, f"--seed={run.seed}",
+                 f"--out_dir={folder}"]
+        commands.append(("train", train + (["--resume"] if state == "resume" else [])))
+    commands.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
+                     (["--limit", str(limit)] if limit else [])))
     return commands
 
 
@@ -230,7 +231,7 @@ def start_over_unstarted(runs, out_dir):
     metrics.jsonl of a killed first attempt)."""
     for run in runs:
         folder = run_folder(out_dir, run.name)
-        if os.path.isdir(folder) and training_state(folder) == "fresh":
+        if os.path.isdir(folder) and not is_evaluated(folder) and training_state(folder) == "fresh":
             shutil.rmtree(folder)
 
 
