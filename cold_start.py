@@ -42,6 +42,7 @@ learning_rate = 3e-3              # AdamW, linear decay to 0
 grad_clip = 1.0
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
 max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
+system_prompt = "default"         # vlm.SYSTEM_PROMPTS: the one the GRPO runs from this start use (train_grpo.py's)
 # --- end config -------------------------------------------------------------------------------------------
 
 DEFAULTS = {k: v for k, v in dict(globals()).items()
@@ -96,7 +97,8 @@ def train(datasets, model, tokenizer, image_processor):
             problems.append(problem)
             images.append(image)
             targets.append(tokenizer.encode(reference_completion(solution, meta), add_special_tokens=False) + [eos])
-        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length)
+        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length,
+                                     vlm.system_prompt_text(system_prompt))
         ids, mask = vlm.pad_completions(targets, tokenizer.pad_token_id, "cpu")
         logp = vlm.completion_logprobs(model, prompts, ids, mask, temperature=1.0)
         loss = -(logp * mask).sum() / mask.sum()
@@ -112,6 +114,10 @@ def train(datasets, model, tokenizer, image_processor):
 def main(argv):
     config = read_settings(argv, DEFAULTS, __file__, __doc__)
     globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
+    try:
+        vlm.system_prompt_text(system_prompt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     manifest = vlm.load_manifest(data_dir)
     domains = training_domains(manifest)
     settings = recipe(config, manifest, domains)

@@ -23,7 +23,11 @@ test-size-weighted means over those sets, as the paper computes them. The model'
 <answer>...</answer> tag (the prompts ask for one), else its whole completion. Metrics:
 - every domain of rewards.py (the paper's LISA, SAT, ScienceQA and the whole synthetic suite): that domain's accuracy
   reward (LISA: IoU, so the set's score is the mean IoU; SAT, ScienceQA: choice accuracy), scored on the answer alone,
-  never gated on the format reward: a metric measures the answer, not the layout.
+  never gated on the format reward: a metric measures the answer, not the layout. --reward_mode official: the
+  official code's accuracy rewards instead (metric names "<reward>_official"), on the whole completion (LISA then
+  scores IoU only above 0.5, and only a one-line <answer> tag is read; rewards.py lists every difference). The
+  official evaluation ran these sets in a fork of lmms-eval whose task code we could not read; its training
+  rewards are the official scoring we can reproduce.
 - relaxed_accuracy (ChartQA): a number within 5 % of a numeric reference, else case-insensitive exact match
   (Methani et al. 2020, as ChartQA and lmms-eval define it).
 - anls (InfoVQA): average normalised Levenshtein similarity, threshold 0.5, best over the reference answers.
@@ -32,6 +36,14 @@ test-size-weighted means over those sets, as the paper computes them. The model'
 - mmmu_accuracy: MMMU's own parsing of option letters and of open answers. Differences: see mmmu_choice.
 - --exact_match: the benchmarks scored the paper's plain way instead, the answer equal (case and spacing aside) to
   a reference answer.
+- --lmms_eval: InfoVQA and MMMU exactly as lmms-eval scores them, to put our numbers next to published ones:
+  ANLS over the raw (not normalised) lengths, kept at >= 0.5 (ours: > 0.5); MMMU letters found as substrings ("A "
+  at the end of "NASA "), no option-text answers, a random letter (seeded: lmms-eval's seed 0, the record's source
+  row and the answer) when none is found, and open answers split into sentences only at line breaks. ChartQA's
+  relaxed accuracy and MathVista's rule-based matching are ours either way (lmms-eval scores MathVista with an LLM
+  judge). The answer scored is the one we read from the <answer> tag in both cases.
+Prompts: --system_prompt (vlm.SYSTEM_PROMPTS; default: the checkpoint's training setting, else the chat template's
+own), the same for HF and vLLM generation.
 """
 import argparse
 import datetime
@@ -39,6 +51,7 @@ import glob
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -268,6 +281,93 @@ def score_mmmu(answer, solution, meta):
     return parsed, float(mmmu_open_match(parsed, references_of(solution, meta)))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# lmms-eval's exact behaviour where our metrics differ (--lmms_eval), so our numbers sit next to published ones
+# computed with it (lmms_eval/api/metrics.py anls, lmms_eval/tasks/mmmu/utils.py; read, rebuilt in our words).
+
+def anls_lmms_eval(prediction, references, threshold=0.5):
+    """lmms-eval's ANLS: the edit distance of the normalised strings (lower-cased, whitespace collapsed) over the
+    longer RAW length of reference and prediction; the best reference's 1 - NL, kept when >= threshold (ours: the
+    normalised lengths, kept when > threshold)."""
+    predicted, best = normalize_spaces(prediction), 0.0
+    for reference in references:
+        expected, longest = normalize_spaces(reference), max(len(reference), len(prediction))
+        if not longest:
+            return 1.0
+        if abs(len(predicted) - len(expected)) > (1 - threshold) * longest:
+            continue  # the distance is at least the length difference: below the threshold already
+        similarity = 1.0 - levenshtein(predicted, expected) / longest
+        if similarity >= threshold:
+            best = max(best, similarity)
+    return best
+
+
+def score_infovqa_lmms_eval(answer, solution, meta):
+    return answer, anls_lmms_eval(answer, references_of(solution, meta))
+
+
+# The random guess lmms-eval makes when it finds no option (MMMU's own rule), seeded so a re-scoring gives the
+# same number: with lmms-eval's default seed 0, the record's source row and the answer.
+MMMU_GUESS_SEED = 0
+
+
+def mmmu_choice_lmms_eval(text, options, rng):
+    """lmms-eval's parse_multi_choice_response: "(B)" anywhere, else "B " anywhere (so "NASA " names A), else
+    "B.", else (answers over 5 words) an option's text contained in it; several: the one found last; none: a
+    letter drawn at random."""
+    for char in ",.!?;:'":  # one character after the other, as lmms-eval strips them
+        text = text.strip(char)
+    text = f" {text} "
+    letters = list(options)
+    found = [c for c in letters if f"({c})" in text]
+    last = [text.rfind(f"({c})") for c in found]
+    if not found:
+        found = [c for c in letters if f"{c} " in text] or [c for c in letters if f"{c}." in text]
+        last = [text.rfind(f" {c} ") for c in found]
+    if not found and len(text.split()) > 5:
+        found = [c for c, option in options.items() if option.lower() in text.lower()]
+        last = [text.lower().rfind(options[c].lower()) for c in found]
+    if not found:
+        return rng.choice(letters)
+    return found[last.index(max(last))]
+
+
+_LMMS_NUMBER_PATTERNS = [r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+",
+                         r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"]
+
+
+def mmmu_open_candidates_lmms_eval(text):
+    """lmms-eval's parse_open_response: lower-cased first, so only line breaks split sentences; per sentence the
+    shortest tail after a key phrase (and "=" in the last one); numbers found by three patterns (with commas,
+    scientific, plain); all normalised."""
+    text = text.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", text)
+    keys = []
+    for index, sentence in enumerate(sentences):
+        shortest = None
+        for indicator in _MMMU_INDICATORS + (["="] if index == len(sentences) - 1 else []):
+            if indicator in sentence:
+                tail = sentence.split(indicator)[-1].strip()
+                if not shortest or len(tail) < len(shortest):  # an empty tail gives way to the next one
+                    shortest = tail
+        if shortest and shortest not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    keys = keys or [text]
+    candidates = keys + [n for key in keys for pattern in _LMMS_NUMBER_PATTERNS for n in re.findall(pattern, key)]
+    return sorted({c for value in candidates for c in _mmmu_normalize(value)}, key=str)
+
+
+def score_mmmu_lmms_eval(answer, solution, meta):
+    if meta.get("question_type") == "multiple-choice":
+        if not meta.get("options"):
+            raise ValueError("mmmu multiple-choice record without meta options")
+        rng = random.Random(json.dumps([MMMU_GUESS_SEED, meta.get("source"), answer], sort_keys=True))
+        parsed = mmmu_choice_lmms_eval(answer, meta["options"], rng)
+        return parsed, float(parsed == answer_of(solution))
+    parsed = mmmu_open_candidates_lmms_eval(answer)
+    return parsed, float(mmmu_open_match(parsed, references_of(solution, meta)))
+
+
 def score_exact_match(answer, solution, meta):
     return answer, float(any(normalize_spaces(answer) == normalize_spaces(r) for r in references_of(solution, meta)))
 
@@ -279,7 +379,10 @@ BENCHMARK_METRICS = {
     "mathvista_accuracy": score_mathvista,
     "mmmu_accuracy": score_mmmu,
     "exact_match": score_exact_match,
+    "anls_lmms_eval": score_infovqa_lmms_eval,
+    "mmmu_accuracy_lmms_eval": score_mmmu_lmms_eval,
 }
+LMMS_EVAL_METRICS = {"anls": "anls_lmms_eval", "mmmu_accuracy": "mmmu_accuracy_lmms_eval"}
 
 
 def accuracy_reward(domain):
@@ -287,10 +390,22 @@ def accuracy_reward(domain):
     return next(name for name, _ in rewards.DOMAIN_REWARDS[domain] if name != "format")
 
 
+OFFICIAL = "_official"  # a rewards.py metric scored as the official code scores it (--reward_mode official)
+
+
+def text_to_score(metric, completion):
+    """What a metric reads: the whole completion for the official rewards (they find the answer their own way),
+    else the answer (answer_of)."""
+    return completion if metric.endswith(OFFICIAL) else answer_of(completion)
+
+
 def score_answer(metric, answer, solution, domain, meta):
-    """(parsed answer, score) of one answer under a set's metric."""
+    """(parsed answer, score) of one answer (text_to_score) under a set's metric."""
     if metric in BENCHMARK_METRICS:
         return BENCHMARK_METRICS[metric](answer, solution, meta)
+    if metric.endswith(OFFICIAL):
+        scores = rewards.score(answer, solution, domain, meta, reward_mode="official")
+        return rewards.official_answer(answer), scores[metric[:-len(OFFICIAL)]]
     # rewards.py reads the answer from <answer> tags; the tags are put back around the answer we read, and the
     # format reward is ignored (gate_on_format=False).
     scores = rewards.score(f"<answer>{answer}</answer>", solution, domain, meta, gate_on_format=False)
@@ -304,19 +419,19 @@ TestSet = namedtuple("TestSet", "name domain split path rows fingerprint metric 
 RECORD_COLUMNS = ("id", "domain", "image", "problem", "solution", "meta")
 
 
-def metric_of(domain, entry, exact_match):
+def metric_of(domain, entry, exact_match, reward_mode="ours", lmms_eval=False):
     """The metric of a domain: the manifest's "reward" field names a BENCHMARK_METRICS entry or a rewards.py domain."""
     name = entry.get("reward", domain)
     if name in BENCHMARK_METRICS:
-        return "exact_match" if exact_match else name
+        return "exact_match" if exact_match else LMMS_EVAL_METRICS.get(name, name) if lmms_eval else name
     if name in rewards.DOMAIN_REWARDS:
-        return accuracy_reward(name)
+        return accuracy_reward(name) + (OFFICIAL if reward_mode == "official" else "")
     known = sorted(BENCHMARK_METRICS) + sorted(rewards.DOMAIN_REWARDS)
     raise SystemExit(f"error: manifest domain {domain!r} has reward {name!r}, which is neither an evaluate.py metric "
                      f"nor a rewards.py domain ({', '.join(known)})")
 
 
-def open_test_sets(data_dir, names=None, exact_match=False):
+def open_test_sets(data_dir, names=None, exact_match=False, reward_mode="ours", lmms_eval=False):
     """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
     manifest_path = os.path.join(data_dir, "manifest.json")
     manifest = vlm.load_manifest(data_dir)
@@ -354,7 +469,7 @@ def open_test_sets(data_dir, names=None, exact_match=False):
         if len(set(columns["id"])) != len(dataset):
             raise SystemExit(f"error: {path} has repeated ids; every record needs its own")
         sets.append(TestSet(name, domain, split, path, info["rows"], info.get("fingerprint"),
-                            metric_of(domain, entry, exact_match), roles[name], dataset))
+                            metric_of(domain, entry, exact_match, reward_mode, lmms_eval), roles[name], dataset))
     return sets
 
 
@@ -484,7 +599,7 @@ def model_digest(model):
 # Generation: an engine is a function (problems, images) -> completions. HF generate is the one here; the vLLM
 # server engine is a function of the same shape.
 
-def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
+def hf_engine(source, max_new_tokens, temperature, max_pixels, system_prompt, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype, max_pixels=max_pixels)
@@ -493,14 +608,14 @@ def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
     model.to(device).eval()
 
     def complete(problems, images):
-        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
+        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images, system_prompt=system_prompt)
         ids = vlm.generate(model, tokenizer, batch, n=1, max_new_tokens=max_new_tokens,
                            temperature=temperature or 1.0, greedy=temperature == 0)
         return [vlm.decode(tokenizer, c) for c in ids]
     return complete
 
 
-def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, sync_dir):
+def vllm_engine(source, max_new_tokens, temperature, max_pixels, system_prompt, url, timeout, sync_dir):
     """The same function, answered by a running vLLM server (README: Rollouts from a vLLM server) into which
     the model's weights are loaded first; the server must have been started on a folder of the same architecture
     and tokenizer (a mismatch in tokenization is an error naming the prompt)."""
@@ -518,7 +633,8 @@ def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, s
     def complete(problems, images):
         try:
             ids = client.generate_for(tokenizer, problems, images, n=1, max_new_tokens=max_new_tokens,
-                                      temperature=temperature or 1.0, greedy=temperature == 0)
+                                      temperature=temperature or 1.0, greedy=temperature == 0,
+                                      system_prompt=system_prompt)
         except vlm.VLLMServerError as e:
             raise SystemExit(f"error: {e} (the completions generated so far are cached; run again to resume)")
         return [vlm.decode(tokenizer, c) for c in ids]
@@ -600,11 +716,12 @@ def generate_missing(model, sets, rows_of, done, generation, args, rank, world, 
         return
     if args.engine == "vllm":
         engine = vllm_engine(model.source, generation["max_new_tokens"], generation["temperature"],
-                             generation["max_pixels"], args.vllm_url, args.vllm_timeout,
+                             generation["max_pixels"], vlm.system_prompt_text(generation["system_prompt"]),
+                             args.vllm_url, args.vllm_timeout,
                              os.path.join(model.folder, ".partial", "vllm_weights"))
     else:
         engine = hf_engine(model.source, generation["max_new_tokens"], generation["temperature"],
-                           generation["max_pixels"], device)
+                           generation["max_pixels"], vlm.system_prompt_text(generation["system_prompt"]), device)
     torch.manual_seed(generation["seed"] + rank)
     cache_file = os.path.join(model.folder, ".partial", f"{socket.gethostname()}-{os.getpid()}.jsonl")
     bar = tqdm(total=total, desc=f"{model.run} step {model.step}" + (f" (rank 0 of {world})" if world > 1 else ""),
@@ -643,7 +760,7 @@ def score_sets(sets, rows_of, completions):
             completion = completions.get((s.name, record_id))
             if completion is None:
                 raise RuntimeError(f"no completion for {s.name} record {record_id} after generation")
-            parsed, score = score_answer(s.metric, answer_of(completion), solution, s.domain, meta)
+            parsed, score = score_answer(s.metric, text_to_score(s.metric, completion), solution, s.domain, meta)
             scores.append(score)
             predictions.append({"set": s.name, "id": record_id, "completion": completion, "answer": parsed,
                                 "solution": solution, "score": score})
@@ -658,6 +775,7 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
     generation = {"model": model_digest(model), "engine": args.engine, "temperature": args.temperature, "seed": args.seed,
                   "max_new_tokens": args.max_new_tokens or model.train_config.get("max_completion_length", 1024),
                   "max_pixels": args.max_pixels or model.train_config.get("max_pixels", 0),
+                  "system_prompt": args.system_prompt or model.train_config.get("system_prompt", "default"),
                   "sets": {s.name: s.fingerprint for s in sets}}
     settings = {"generation": generation, "limit": args.limit, "metrics": {s.name: s.metric for s in sets}}
     # A quick look (--limit N) has its own folder, so it never replaces a full evaluation's files; the completion
@@ -824,12 +942,22 @@ def parse_args(argv):
     p.add_argument("--max_pixels", type=int, default=0,
                    help="image processor's max pixels per image (default 0: a checkpoint's training setting, else "
                         "the model's own)")
+    p.add_argument("--system_prompt", default="", choices=["", *vlm.SYSTEM_PROMPTS],
+                   help="the named system prompt (vlm.SYSTEM_PROMPTS; r1: the official README's R1 prompt); default: "
+                        "a checkpoint's training setting, else 'default' (the chat template's own)")
     p.add_argument("--limit", type=int, default=0,
                    help="only the first N items of each set, for a quick look: results go to <folder>/limit-N/, "
                         "never over a full evaluation's; completions are shared with it (default 0: every item)")
     p.add_argument("--exact_match", action="store_true",
                    help="score the benchmarks by plain exact match with a reference answer (the paper's reporting) "
                         "instead of relaxed accuracy / ANLS / MathVista and MMMU matching")
+    p.add_argument("--lmms_eval", action="store_true",
+                   help="score InfoVQA and MMMU exactly as lmms-eval does (ANLS over raw lengths, kept at >= 0.5; "
+                        "MMMU's substring letter search and seeded random guess); default: our readers")
+    p.add_argument("--reward_mode", choices=rewards.REWARD_MODES, default="ours",
+                   help="official: score LISA, SAT, ScienceQA (and the synthetic sets) with the official code's "
+                        "reward functions on the whole completion, as training with reward_mode=official does "
+                        "(default ours: rewards.py's readers on the answer)")
     p.add_argument("--stepavg_steps", default="",
                    help="comma-separated steps the StepAvg averages, e.g. 500,1500,2000 (default: every evaluated "
                         "checkpoint of the run)")
@@ -873,7 +1001,8 @@ def main(argv=None):
             print(message, flush=True)
 
     models = resolve_models(args.models, args.out_dir, args.last)
-    sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match)
+    sets = open_test_sets(args.data_dir, [s for s in args.sets.split(",") if s.strip()], args.exact_match,
+                          args.reward_mode, args.lmms_eval)
     log(f"{len(models)} model(s) x {len(sets)} set(s) ({', '.join(f'{s.name} {s.role} {s.metric}' for s in sets)}), "
         f"{world} process(es) on {device}")
     rows_of = {s.name: scoring_columns(s, args.limit) for s in sets}

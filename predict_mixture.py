@@ -16,13 +16,12 @@ What it does, top to bottom:
    out_score (whatever the objective), and its QuadSurface model (least squares on [1, w, w (x) w], Gaussian
    sampling, top-k). Table 2 rows whose weights the paper did not publish (heuristic, model-based, base) are not
    fitted.
-2. Model families, all fitted with their penalties chosen by cross-validation on the runs given:
-   ridge (linear in w), scheffe (the Scheffe quadratic: w_i and w_i w_j terms, ridge), mixing_law
-   (y = c + k exp(t . w), Ye et al. 2024), lasso_gp (a sparse linear model in log(w + floor) plus a Gaussian process
-   on its residuals). The default model is a rank ensemble of the families, weighted by stacking (non-negative
-   least squares on their cross-validated predictions).
+2. Our model (scikit-learn and LightGBM, penalties by cross-validation on the runs given): the mean rank of a
+   lasso in log(w + floor) and gradient-boosted trees. Also fitted and validated: ridge (linear in w) and the
+   Scheffe quadratic (w_i and w_i w_j terms, ridge).
 3. Validation on every call: leave-one-out and repeated K-fold Spearman, RMSE, top-1/top-3 regret with bootstrap
-   intervals, and leave-group-out (all runs without domain d held out at once).
+   intervals, leave-group-out (all runs without domain d held out at once), and two references to read them
+   against: the mean of the training runs, and the model refitted on shuffled scores.
 4. Proposals: SLSQP from several starts plus Dirichlet samples on the simplex, within per-domain bounds,
    availability caps (w_d <= |D_d| / (steps x prompts per step), so that no domain runs out before the last step)
    and a trust region around the observed mixtures; q diverse proposals, each with a bootstrap interval and
@@ -38,14 +37,20 @@ import os
 import re
 import sys
 import time
+import warnings
 
 # Every matrix here is small (runs x terms): BLAS threads only add synchronisation, which on a busy 2-core machine
 # made a 153 x 153 solve 200x slower (97 ms instead of 0.5 ms). numpy's OpenBLAS reads this when numpy loads; an
 # explicit setting wins. (OMP_NUM_THREADS is left alone: torch, in a process that imports this, reads it.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
-from scipy.optimize import minimize, nnls  # noqa: E402
+import lightgbm  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
 from scipy.stats import rankdata, spearmanr  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import Lasso, LassoCV, Ridge, RidgeCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +61,8 @@ PAPER_DOMAINS = ["coco", "lisa", "geoqav", "sat", "scienceqa"]
 PAPER_TRAIN_SIZES = {"coco": 5997, "lisa": 1326, "geoqav": 1969, "sat": 15000, "scienceqa": 6218}
 PAPER_STEPS, PAPER_PROMPTS_PER_STEP = 2000, 2
 
-FAMILIES = ["ridge", "scheffe", "mixing_law", "lasso_gp"]
 INTERVAL = 0.90            # coverage of every bootstrap interval reported
+LARGEST_OBJECTIVE = 1e100  # squared errors and variances of larger values overflow a float
 LOO_MAX_RUNS = 60          # above this, 10-fold cross-validation stands in for leave-one-out (speed)
 
 
@@ -69,271 +74,6 @@ def note(notes, message):
     """Warnings go to stderr as they happen and into the report, so nothing is lost."""
     print(f"note: {message}", file=sys.stderr)
     notes.append(message)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading runs
-
-def score_key(name):
-    """'OutScore', 'out_score' and 'out-score' all name the same score."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def read_results_json(path):
-    """One run from evaluate.py's results.json: its mixture and every score (in_score, out_score, each benchmark)."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read it as JSON ({e})")
-    if not isinstance(results, dict) or "mixture" not in results:
-        raise InputError(f"{path}: not an evaluate.py results file (no 'mixture' field)")
-    scores = {}
-    for name, bench in (results.get("benchmarks") or {}).items():
-        if isinstance(bench, dict) and bench.get("score") is not None:
-            scores[name] = bench["score"]
-    for name in ("in_score", "out_score"):
-        if results.get(name) is not None:
-            scores[name] = results[name]
-    label = str(results.get("run") or os.path.basename(os.path.dirname(os.path.abspath(path))))
-    return {"label": label, "where": path, "mixture": results["mixture"], "scores": scores,
-            "run": results.get("run"), "step": results.get("step")}
-
-
-def table2_mixture(run):
-    """Table 2's convention: the digits of `run` list the included datasets, weighted equally."""
-    digits = [int(c) for c in run]
-    bad = [d for d in digits if not 1 <= d <= len(PAPER_DOMAINS)]
-    if bad:
-        raise ValueError(f"dataset digit {bad[0]} (the paper's datasets are 1-{len(PAPER_DOMAINS)})")
-    return {PAPER_DOMAINS[d - 1]: 1.0 / len(digits) for d in digits}
-
-
-def read_table_csv(path, notes):
-    """Runs from a CSV: weight columns `w_<domain>`, or Table 2's `run` digits. Other numeric columns are scores."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read it as CSV ({e})")
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    columns = list(rows[0])
-    weight_columns = [c for c in columns if c.startswith("w_")]
-    if not weight_columns and "run" not in columns:
-        raise InputError(f"{path}: no mixture columns: expected `w_<domain>` weight columns or Table 2's `run` "
-                         f"column; found {columns}")
-    score_columns = [c for c in columns if c not in ("group", "run", "label") and c not in weight_columns]
-    runs, skipped = [], []
-    for i, row in enumerate(rows, start=2):  # row 1 is the header
-        where = f"{path} row {i}"
-        label = " ".join(row[c] for c in ("group", "run", "label") if row.get(c)) or f"row {i}"
-        if weight_columns:
-            mixture = {c[2:]: parse_number(row[c], f"{where} column {c}") for c in weight_columns}
-        elif re.fullmatch(r"\d+", row["run"] or "") and len(set(row["run"])) == len(row["run"]):
-            try:
-                mixture = table2_mixture(row["run"])
-            except ValueError as e:
-                raise InputError(f"{where}: run {row['run']!r} names {e}")
-        else:  # Base (no training), the heuristic and model-based rows: the paper did not publish their weights
-            skipped.append(label)
-            continue
-        # kept as text: a column is parsed (and a bad cell reported) only when the objective uses it
-        scores = {c: row[c] for c in score_columns if (row[c] or "").strip()}
-        runs.append({"label": label, "where": where, "mixture": mixture, "scores": scores, "run": None, "step": None})
-    if skipped:
-        note(notes, f"{path}: {len(skipped)} rows have no known mixture and are not used for fitting "
-                    f"({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})")
-    return runs
-
-
-def parse_number(text, where):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: {text!r} is not a number")
-    if not math.isfinite(value):
-        raise InputError(f"{where}: {text!r} is not a finite number")
-    return value
-
-
-def find_inputs(paths):
-    """Files to read: CSVs and results.json files as given; folders give every results.json below them."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
-            if not found:
-                raise InputError(f"{path}: no results.json below this folder")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise InputError(f"{path}: no such file or folder")
-    return files
-
-
-def pick_steps(runs, step, notes):
-    """One results file per training run: its last checkpoint, the StepAvg file, or a given step."""
-    by_run = {}
-    for r in runs:
-        by_run.setdefault(r["run"] if r["run"] is not None else id(r), []).append(r)
-    chosen = []
-    for name, group in by_run.items():
-        if step == "stepavg":
-            pick = [r for r in group if r["step"] is None and r["run"] is not None]
-        elif step == "last":
-            checkpoints = [r for r in group if r["step"] is not None] or group
-            pick = [max(checkpoints, key=lambda r: r["step"] or 0)]
-        else:
-            pick = [r for r in group if r["step"] == int(step)]
-        if not pick:
-            note(notes, f"run {name}: no results for --step={step} (it has steps "
-                        f"{sorted(str(r['step']) for r in group)}); left out")
-        elif len(group) > 1 and step == "last":
-            note(notes, f"run {name}: {len(group)} results files; using step {pick[0]['step']} "
-                        f"(--step=stepavg uses the checkpoint average, the paper's StepAvg)")
-        chosen += pick[:1]
-    return chosen
-
-
-def read_runs(paths, step, notes):
-    runs = []
-    for path in find_inputs(paths):
-        if path.lower().endswith(".csv"):
-            runs += read_table_csv(path, notes)
-        else:
-            runs.append(read_results_json(path))
-    json_runs = [r for r in runs if r["where"].endswith(".json")]
-    if json_runs:
-        runs = [r for r in runs if not r["where"].endswith(".json")] + pick_steps(json_runs, step, notes)
-    untrained = [r for r in runs if not r["mixture"]]
-    if untrained:
-        note(notes, f"{len(untrained)} results without a training mixture (a base model?) are not used: "
-                    f"{', '.join(r['where'] for r in untrained[:3])}")
-    return [r for r in runs if r["mixture"]]
-
-
-def parse_objective(text):
-    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]. Only '+' separates
-    terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
-    terms = []
-    for term in text.replace(" ", "").split("+"):
-        coefficient, _, name = term.rpartition("*")
-        if not name:
-            raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
-                             f"0.5*in_score+0.5*out_score")
-        try:
-            terms.append((float(coefficient) if coefficient else 1.0, name))
-        except ValueError:
-            raise InputError(f"--objective={text!r}: {coefficient!r} is not a number (write e.g. 0.5*out_score)")
-    return terms
-
-
-def score_of(run, name):
-    """A run's score by name (case and _ ignored), as a float; None when the run lacks it."""
-    found = [k for k in run["scores"] if score_key(k) == score_key(name)]
-    if not found:
-        return None
-    value = run["scores"][found[0]]
-    if isinstance(value, str):
-        return parse_number(value, f"{run['where']} column {found[0]}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{run['where']}: score {found[0]!r} is {value!r}, not a finite number")
-    return float(value)
-
-
-def objective_value(run, terms, objective):
-    total = 0.0
-    for coefficient, name in terms:
-        value = score_of(run, name)
-        if value is None:
-            raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
-                             f"it has {sorted(run['scores'])}")
-        total += coefficient * value
-    return total
-
-
-def check_mixture(mixture, where, notes_sums):
-    """Weights as floats summing to 1. Negative or non-numeric weights are errors; other sums are normalised."""
-    if not isinstance(mixture, dict):
-        raise InputError(f"{where}: the mixture must be {{domain: weight}}, got {mixture!r}")
-    clean = {}
-    for domain, w in mixture.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise InputError(f"{where}: weight of {domain!r} is {w!r}, not a finite number")
-        if w < 0:
-            raise InputError(f"{where}: weight of {domain!r} is negative ({w}); weights must be >= 0")
-        clean[domain] = float(w)
-    total = sum(clean.values())
-    if total <= 0:
-        raise InputError(f"{where}: all mixture weights are zero")
-    if abs(total - 1) > 1e-6:
-        notes_sums.append((where, total))
-    return {d: w / total for d, w in clean.items()}
-
-
-def check_domain_sets(runs, notes):
-    """Results files list only the domains a run trained on, so a domain missing from a file means weight 0. Runs
-    that share no domain with the others at all are probably from another study: say so."""
-    domains = list(dict.fromkeys(d for r in runs for d in r["mixture"]))  # first-seen order
-    partial = [r for r in runs if set(r["mixture"]) != set(domains)]
-    if partial and any(r["where"].endswith(".json") for r in partial):
-        note(notes, f"{len(partial)} runs do not list every domain; their missing domains count as weight 0 "
-                    f"(e.g. {partial[0]['where']} lacks {sorted(set(domains) - set(partial[0]['mixture']))})")
-    groups = []  # connected components of runs linked by a shared domain with positive weight
-    for r in runs:
-        used = {d for d, w in r["mixture"].items() if w > 0}
-        linked = [g for g in groups if g & used]
-        merged = used.union(*linked) if linked else used
-        groups = [g for g in groups if not g & used] + [merged]
-    if len(groups) > 1 and len(runs) > len(groups):
-        note(notes, f"the runs fall into {len(groups)} groups with no trained domain in common "
-                    f"({'; '.join(str(sorted(g)) for g in groups)}): check that they belong to one study")
-    return domains
-
-
-def build_dataset(runs, objective, notes):
-    """Matrix of mixtures W (one row per distinct mixture), objective values y, and the noise estimate from
-    repeated runs of one mixture (averaged here)."""
-    if not runs:
-        raise InputError("no runs with a known mixture to learn from")
-    terms = parse_objective(objective)
-    sums = []
-    for r in runs:
-        r["mixture"] = check_mixture(r["mixture"], r["where"], sums)
-        r["y"] = objective_value(r, terms, objective)
-    if sums:
-        totals = [t for _, t in sums]
-        note(notes, f"{len(sums)} mixtures did not sum to 1 (sums {min(totals):.4g} to {max(totals):.4g}, e.g. "
-                    f"{sums[0][0]}): normalised")
-    domains = check_domain_sets(runs, notes)
-    groups = {}
-    for r in runs:
-        key = tuple(round(r["mixture"].get(d, 0.0), 6) for d in domains)
-        groups.setdefault(key, []).append(r)
-    W = np.array([list(k) for k in groups])
-    W /= W.sum(1, keepdims=True)
-    y = np.array([np.mean([r["y"] for r in g]) for g in groups.values()])
-    labels = [" = ".join(r["label"] for r in g) for g in groups.values()]
-    repeated = [g for g in groups.values() if len(g) > 1]
-    noise_sd = None
-    if repeated:
-        # pooled within-mixture standard deviation: the run-to-run noise of one objective value
-        dev = sum(np.sum((np.array([r["y"] for r in g]) - np.mean([r["y"] for r in g])) ** 2) for g in repeated)
-        noise_sd = float(np.sqrt(dev / sum(len(g) - 1 for g in repeated)))
-        note(notes, f"{len(repeated)} mixtures were run more than once ({sum(len(g) for g in repeated)} runs): "
-                    f"averaged; their spread gives a run-to-run noise SD of {noise_sd:.4g}")
-    if len(y) < 3:
-        raise InputError(f"need at least 3 distinct mixtures to fit anything; got {len(y)}")
-    if np.ptp(y) == 0:
-        raise InputError(f"the objective {objective!r} is the same ({y[0]:.4g}) for every run: nothing to learn")
-    never = [d for j, d in enumerate(domains) if W[:, j].max() == 0]
-    if never:
-        note(notes, f"domains {never} have weight 0 in every run: their effect cannot be learned, proposals "
-                    f"keep them at 0")
-    return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
-            "groups": list(groups.values())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,54 +204,26 @@ def quad_surface_proposals(W, y, k, seed, samples=20000):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model families. Each fit_<family>(W, u, settings, hyper=None) returns {"predict": f(W) -> u, "hyper": ...};
-# u is the objective oriented so that higher is better. With `hyper` given the penalty search is skipped
-# (bootstrap refits keep the hyper-parameters chosen on all runs).
-
-def standardise(F):
-    mean, sd = F.mean(0), F.std(0)
-    sd[sd < 1e-12] = 1.0  # a constant column (a domain never varied) stays constant: zero after centring
-    return mean, sd
-
-
-def ridge_loo(Z, u, penalties):
-    """Ridge with an unpenalised intercept on standardised Z: the penalty with the smallest exact leave-one-out
-    error (hat-matrix shortcut)."""
-    n = len(u)
-    yc = u - u.mean()
-    U, s, Vt = np.linalg.svd(Z, full_matrices=False)
-    Uy = U.T @ yc
-    best = None
-    for penalty in penalties:
-        shrink = s ** 2 / (s ** 2 + penalty)
-        leverage = (U ** 2) @ shrink + 1.0 / n
-        with np.errstate(divide="ignore", invalid="ignore"):  # leverage 1: a run only it explains
-            error = np.mean(((yc - U @ (shrink * Uy)) / (1 - leverage)) ** 2)
-        if np.isfinite(error) and (best is None or error < best[0]):
-            best = (error, penalty)
-    return best[1] if best is not None else penalties[-1]
-
-
-def ridge_coef(Z, u, penalty):
-    return np.linalg.solve(Z.T @ Z + penalty * np.eye(Z.shape[1]), Z.T @ (u - u.mean()))
-
+# Our model. Each fit_<family>(W, u, settings, hyper=None) returns {"predict": f(W) -> u, "hyper": ...}; u is the
+# objective oriented so that higher is better. With `hyper` given, the penalty search is skipped (bootstrap refits
+# keep the penalty chosen on all runs). The default model, "ensemble", is the mean rank of ENSEMBLE's two families:
+# chosen on RegMix's 1M-parameter runs only (README, "Predicting the best mixture"), where it beat each family alone
+# and every stacked or Gaussian-process variant tried.
 
 RIDGE_PENALTIES = np.logspace(-4, 4, 33)
+ENSEMBLE = ["log_lasso", "lightgbm"]
 
 
-def fit_ridge_on(features, W, u, hyper):
-    F = features(W)
-    mean, sd = standardise(F)
-    Z = (F - mean) / sd
-    penalty = hyper if hyper is not None else ridge_loo(Z, u, RIDGE_PENALTIES)
-    coef, intercept = ridge_coef(Z, u, penalty), u.mean()
-    return {"predict": lambda V: ((features(V) - mean) / sd) @ coef + intercept, "hyper": penalty,
-            "coef": coef / sd}
+def fit_scaled(features, estimator, W, u):
+    """An estimator on standardised features: the penalties then weigh every feature alike."""
+    pipeline = make_pipeline(StandardScaler(), estimator).fit(features(W), u)
+    return pipeline, lambda V: pipeline.predict(features(V))
 
 
 def fit_ridge(W, u, settings, hyper=None):
-    """Linear in the weights, ridge penalty by leave-one-out."""
-    return fit_ridge_on(lambda V: V, W, u, hyper)
+    """Linear in the weights; the ridge penalty by exact leave-one-out (RidgeCV)."""
+    pipeline, predict = fit_scaled(lambda V: V, Ridge(hyper) if hyper else RidgeCV(RIDGE_PENALTIES), W, u)
+    return {"predict": predict, "hyper": hyper or float(pipeline[-1].alpha_)}
 
 
 def scheffe_terms(W):
@@ -522,148 +234,43 @@ def scheffe_terms(W):
 
 def fit_scheffe(W, u, settings, hyper=None):
     """Scheffe quadratic, ridge penalty by leave-one-out (which keeps it well-posed with fewer runs than terms)."""
-    model = fit_ridge_on(scheffe_terms, W, u, hyper)
+    pipeline, predict = fit_scaled(scheffe_terms, Ridge(hyper) if hyper else RidgeCV(RIDGE_PENALTIES), W, u)
     d = W.shape[1]
     interactions = np.zeros((d, d))
     i, j = np.triu_indices(d, 1)
-    interactions[i, j] = interactions[j, i] = model["coef"][d:]
-    model["interactions"] = interactions  # objective change per unit of w_i w_j: the plot of pairwise effects
-    return model
+    interactions[i, j] = interactions[j, i] = (pipeline[-1].coef_ / pipeline[0].scale_)[d:]
+    # interactions: objective change per unit of w_i w_j, the plot of pairwise effects
+    return {"predict": predict, "hyper": hyper or float(pipeline[-1].alpha_), "interactions": interactions}
 
 
-MIXING_LAW_OFFSETS = [0.05, 0.1, 0.2, 0.5, 1, 2, 5]
-
-
-def fit_mixing_law(W, u, settings, hyper=None):
-    """The data mixing law u = c + s exp(a + t . w) (s = +1 or -1, for losses or scores with a ceiling).
-    For a fixed c, log(s (u - c)) is linear in w: ridge with leave-one-out. c is profiled over offsets beyond the
-    observed range (a large offset approaches the linear model); the leave-one-out error is measured on u."""
-    spread = np.ptp(u)
-    mean, sd = standardise(W)
-    Z = (W - mean) / sd
-    options = [hyper] if hyper is not None else [(s, q, p) for s in (1, -1) for q in MIXING_LAW_OFFSETS
-                                                    for p in RIDGE_PENALTIES[::2]]
-    U, sv, _ = np.linalg.svd(Z, full_matrices=False)
-    best = None
-    for sign, offset in sorted({(s, q) for s, q, _ in options}):
-        c = u.min() - offset * spread if sign > 0 else u.max() + offset * spread
-        t = np.log(sign * (u - c))
-        Ut = U.T @ (t - t.mean())
-        for _, _, penalty in [o for o in options if o[:2] == (sign, offset)]:
-            shrink = sv ** 2 / (sv ** 2 + penalty)
-            leverage = (U ** 2) @ shrink + 1.0 / len(u)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                t_loo = t - (t - t.mean() - U @ (shrink * Ut)) / (1 - leverage)
-                error = np.mean((c + sign * np.exp(t_loo) - u) ** 2)
-            if best is None or (np.isfinite(error) and error < best[0]) or not np.isfinite(best[0]):
-                best = (error, (sign, offset, penalty), c, t)
-    _, chosen, c, t = best
-    sign, _, penalty = chosen
-    coef, intercept = ridge_coef(Z, t, penalty), t.mean()
-    return {"predict": lambda V: c + sign * np.exp(np.clip(((V - mean) / sd) @ coef + intercept, -50, 50)),
-            "hyper": chosen}
-
-
-def lasso_path(Z, u, penalties):
-    """Lasso coefficients along decreasing penalties (warm starts), by coordinate descent on the Gram matrix: the
-    cost does not grow with the number of runs, and it stays exact when there are fewer runs than domains."""
-    n = len(u)
-    gram, corr = Z.T @ Z / n, Z.T @ (u - u.mean()) / n
-    diagonal = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
-    tolerance = 1e-5 * (u.std() + 1e-12)
-    coef, gram_coef = np.zeros(Z.shape[1]), np.zeros(Z.shape[1])
-    path = []
-    for penalty in penalties:
-        for _ in range(2000):
-            largest_step = 0.0
-            for j in range(len(coef)):
-                rho = corr[j] - gram_coef[j] + diagonal[j] * coef[j]
-                new = np.sign(rho) * max(abs(rho) - penalty, 0.0) / diagonal[j]
-                if new != coef[j]:
-                    gram_coef += gram[:, j] * (new - coef[j])
-                    largest_step = max(largest_step, abs(new - coef[j]))
-                    coef[j] = new
-            if largest_step < tolerance:
-                break
-        path.append(coef.copy())
-    return np.array(path)
-
-
-LASSO_RATIOS = np.logspace(0, -3, 20)   # penalties as fractions of the smallest one that zeroes every coefficient
-
-
-def lasso_cv(F, u, folds, seed):
-    """Index into LASSO_RATIOS with the smallest K-fold error."""
-    n = len(u)
-    order = np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
-    errors = np.zeros(len(LASSO_RATIOS))
-    for held in order:
-        train = np.setdiff1d(np.arange(n), held)
-        mean, sd = standardise(F[train])
-        Z = (F[train] - mean) / sd
-        top = np.abs(Z.T @ (u[train] - u[train].mean())).max() / len(train)
-        path = lasso_path(Z, u[train], top * LASSO_RATIOS)
-        predictions = ((F[held] - mean) / sd) @ path.T + u[train].mean()
-        errors += ((predictions - u[held][:, None]) ** 2).sum(0)
-    return int(np.argmin(errors))
-
-
-GP_LENGTHS = np.geomspace(0.2, 5, 7)       # RBF length scales, in units of sqrt(number of features)
-GP_NOISES = np.geomspace(1e-3, 1e2, 11)    # noise variance relative to the kernel's
-
-
-def fit_gp(F, r, hyper):
-    """Gaussian-process mean (kernel ridge) with an RBF kernel on standardised features; length scale and noise by
-    exact leave-one-out. A large noise makes it ~0: then it adds nothing to the model it corrects."""
-    mean, sd = standardise(F)
-    Z = (F - mean) / sd
-    sq = ((Z[:, None] - Z[None]) ** 2).sum(-1) / Z.shape[1]
-    rc = r - r.mean()
-    options = [hyper] if hyper is not None else [(l, s) for l in GP_LENGTHS for s in GP_NOISES]
-    best = None
-    for length in sorted({l for l, _ in options}):
-        values, vectors = np.linalg.eigh(np.exp(-sq / (2 * length ** 2)))
-        projected = vectors.T @ rc
-        for _, noise in [o for o in options if o[0] == length]:
-            shrink = values / (values + noise)
-            leverage = (vectors ** 2) @ shrink
-            with np.errstate(divide="ignore", invalid="ignore"):
-                error = np.mean(((rc - vectors @ (shrink * projected)) / (1 - leverage)) ** 2)
-            if best is None or (np.isfinite(error) and error < best[0]) or not np.isfinite(best[0]):
-                best = (error, (length, noise))
-    length, noise = best[1]
-    alpha = np.linalg.solve(np.exp(-sq / (2 * length ** 2)) + noise * np.eye(len(r)), rc)
-
-    def predict(G):
-        Zg = (G - mean) / sd
-        return np.exp(-((Zg[:, None] - Z[None]) ** 2).sum(-1) / Z.shape[1] / (2 * length ** 2)) @ alpha + r.mean()
-    return predict, best[1]
-
-
-def fit_lasso_gp(W, u, settings, hyper=None):
-    """Sparse and log-linear first: a few domains move the objective most, and their effect flattens as their
-    weight grows (a lasso in log(w + floor), penalty by 5-fold CV). Then a Gaussian process on the residuals picks
-    up interactions and curvature once there are enough runs to see them."""
+def fit_log_lasso(W, u, settings, hyper=None):
+    """Sparse and log-linear: a few domains move the objective most, and each one's effect flattens as its weight
+    grows. A lasso in log(w + floor), its penalty by K-fold cross-validation (LassoCV)."""
     floor = settings["log_floor"]
-    F = np.log(W + floor)
-    mean, sd = standardise(F)
-    Z = (F - mean) / sd
-    index = hyper[0] if hyper is not None else lasso_cv(F, u, 5, settings["seed"])
-    top = np.abs(Z.T @ (u - u.mean())).max() / len(u)
-    coef = lasso_path(Z, u, top * LASSO_RATIOS[:index + 1])[-1]
-    intercept = u.mean()
-    linear = lambda V: ((np.log(V + floor) - mean) / sd) @ coef + intercept
-    gp, gp_hyper = fit_gp(F, u - linear(W), hyper[1] if hyper is not None else None)
-    return {"predict": lambda V: linear(V) + gp(np.log(V + floor)), "hyper": (index, gp_hyper)}
+    features = lambda V: np.log(V + floor)
+    search = LassoCV(alphas=30, cv=min(5, len(u)), random_state=settings["seed"])
+    with warnings.catch_warnings():  # at the smallest penalties on ~20 runs the last 1e-3 of duality gap remains:
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the fold errors that pick the penalty are unaffected
+        pipeline, predict = fit_scaled(features, Lasso(hyper) if hyper else search, W, u)
+    return {"predict": predict, "hyper": hyper or float(pipeline[-1].alpha_)}
 
 
-FIT = {"ridge": fit_ridge, "scheffe": fit_scheffe, "mixing_law": fit_mixing_law, "lasso_gp": fit_lasso_gp}
+def fit_lightgbm(W, u, settings, hyper=None):
+    """Gradient-boosted trees with RegMix's settings (1,000 trees, learning rate 0.01), leaves of at least n/20 runs
+    (at least 2) instead of LightGBM's 20, so that 20 runs can split at all."""
+    model = lightgbm.LGBMRegressor(n_estimators=1000, learning_rate=0.01, min_child_samples=max(2, len(u) // 20),
+                                   random_state=settings["seed"], n_jobs=1, verbose=-1).fit(W, u)
+    return {"predict": model.predict, "hyper": None}
+
+
+FIT = {"ridge": fit_ridge, "scheffe": fit_scheffe, "log_lasso": fit_log_lasso, "lightgbm": fit_lightgbm}
+FAMILIES = list(FIT)
 
 
 def min_runs(family, d):
     """Fewest distinct mixtures a family is fitted on: its cross-validation needs some runs, and the Scheffe
     quadratic is only worth fitting with more runs than it has linear terms."""
-    return {"ridge": 3, "mixing_law": 5, "lasso_gp": 5, "scheffe": d + 2}[family]
+    return {"ridge": 3, "log_lasso": 5, "lightgbm": 5, "scheffe": d + 2}[family]
 
 
 def usable_families(families, n, d, notes=None):
@@ -671,57 +278,35 @@ def usable_families(families, n, d, notes=None):
     for f in families:
         if f not in usable and notes is not None:
             note(notes, f"{f} needs at least {min_runs(f, d)} distinct mixtures for {d} domains, got {n}: "
-                        f"{'left out of the ensemble' if len(families) > 1 else 'using ridge instead'}")
+                        f"{'left out' if len(usable) else 'using ridge instead'}")
     return usable or ["ridge"]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The default model: a rank ensemble of the families, weighted by stacking
 
 def folds_of(n, k, seed):
     return np.array_split(np.random.default_rng(seed).permutation(n), min(k, n))
 
 
-def cross_val_predictions(W, u, family, settings, folds, seed, hyper):
-    """Each run's prediction by the family fitted without it (K-fold), with the given hyper-parameters."""
-    out = np.empty(len(u))
-    for held in folds_of(len(u), folds, seed):
-        train = np.setdiff1d(np.arange(len(u)), held)
-        out[held] = FIT[family](W[train], u[train], settings, hyper)["predict"](W[held])
-    return out
-
-
 def fit_model(W, u, families, settings):
-    """Fit each family on all runs; with several, weight them by stacking: non-negative least squares of the
-    objective on the families' 5-fold cross-validated predictions (centred), weights normalised to sum 1.
-    The folds reuse each family's hyper-parameters from all runs: five times cheaper than searching again in every
-    fold, and the validation below (which refits everything, stacking included, in each split) stays honest."""
+    """Every family in `families` fitted on all runs; the model ranks by the mean rank of those in ENSEMBLE (or of
+    all of them when none is)."""
     members = {f: FIT[f](W, u, settings) for f in families}
-    if len(families) == 1:
-        return {"members": members, "weights": {families[0]: 1.0}}
-    cv = np.column_stack([cross_val_predictions(W, u, f, settings, 5, settings["seed"], members[f]["hyper"])
-                          for f in families])
-    weights, _ = nnls(cv - u.mean(), u - u.mean())
-    if weights.sum() <= 0:
-        weights = np.ones(len(families))
-    weights /= weights.sum()
-    return {"members": members, "weights": dict(zip(families, weights.tolist()))}
+    voters = [f for f in families if f in ENSEMBLE] or families
+    return {"members": members, "weights": {f: 1 / len(voters) for f in voters}}
 
 
 def predict_value(model, V):
-    """The ensemble's prediction in objective units: the weighted mean of its members' predictions."""
-    return sum(w * model["members"][f]["predict"](V) for f, w in model["weights"].items() if w > 0)
+    """The model's prediction in objective units: the weighted mean of its members' predictions."""
+    return sum(w * model["members"][f]["predict"](V) for f, w in model["weights"].items())
 
 
 def rank_scores(model, V):
-    """The rank ensemble: each member ranks the mixtures V, the ensemble orders them by the weighted mean rank.
+    """The rank ensemble: each member ranks the mixtures V, the model orders them by the weighted mean rank.
     Ranks make one member's wild extrapolation count no more than its place in the order."""
-    return sum(w * rankdata(model["members"][f]["predict"](V)) / len(V)
-               for f, w in model["weights"].items() if w > 0)
+    return sum(w * rankdata(model["members"][f]["predict"](V)) / len(V) for f, w in model["weights"].items())
 
 
 def refit(model, W, u, settings):
-    """The same model on other runs (a bootstrap sample), keeping hyper-parameters and stacking weights."""
+    """The same model on other runs (a bootstrap sample), keeping the penalties chosen on all runs."""
     members = {f: FIT[f](W, u, settings, m["hyper"]) for f, m in model["members"].items()}
     return {"members": members, "weights": model["weights"]}
 
@@ -758,9 +343,9 @@ def metrics_with_intervals(predicted, actual, seed, resamples=1000):
 
 
 def held_out_predictions(W, u, families, settings, splits, desc):
-    """For each (train, held-out) split: the ensemble and every member, fitted on train, predicting held-out.
-    The stacking weights are chosen inside each split, so the ensemble's numbers are honest too."""
-    names = ["ensemble"] + families + ["quad_surface"]
+    """For each (train, held-out) split: the model and every member, fitted on train, predicting held-out; and two
+    references: the paper's QuadSurface and the mean of the training runs (a model that knows nothing)."""
+    names = ["ensemble"] + families + ["quad_surface", "mean_only"]
     out = {name: np.full(len(u), np.nan) for name in names}
     for train, held in tqdm(splits, desc=desc, leave=False, disable=settings["quiet"]):
         model = fit_model(W[train], u[train], families, settings)
@@ -768,7 +353,23 @@ def held_out_predictions(W, u, families, settings, splits, desc):
         for f in families:
             out[f][held] = model["members"][f]["predict"](W[held])
         out["quad_surface"][held] = fit_quad_surface(W[train], u[train], settings["seed"])(W[held])
+        out["mean_only"][held] = u[train].mean()
     return out
+
+
+def shuffled_metrics(W, u, families, settings, splits):
+    """The model's held-out metrics on scores shuffled across runs, where no mixture predicts its score: the mean
+    over permutations and the range (5-95%) they span. A real score below that range is chance."""
+    rng = np.random.default_rng(settings["seed"])
+    voters = [f for f in families if f in ENSEMBLE] or families
+    draws = []
+    for i in range(settings["permutations"]):
+        shuffled = rng.permutation(u)
+        p = held_out_predictions(W, shuffled, voters, settings, splits, f"shuffled scores {i + 1}")["ensemble"]
+        draws.append(metrics_with_intervals(p, shuffled, settings["seed"], resamples=1))
+    return {key: {"value": float(np.mean([d[key]["value"] for d in draws])),
+                  "interval": np.quantile([d[key]["value"] for d in draws], [0.05, 0.95]).tolist()}
+            for key in draws[0]}
 
 
 def validate(W, u, families, settings, domains):
@@ -790,6 +391,8 @@ def validate(W, u, families, settings, domains):
             kfold[name].append(spearman(p, u))
     for name in table:
         table[name]["kfold_spearman"] = {"mean": float(np.mean(kfold[name])), "sd": float(np.std(kfold[name]))}
+    if settings["permutations"]:
+        table["shuffled"] = shuffled_metrics(W, u, families, settings, loo_splits)
     groups = []
     for j, domain in enumerate(domains):
         held = np.where(W[:, j] <= 1e-9)[0]
@@ -802,7 +405,7 @@ def validate(W, u, families, settings, domains):
                        **{name: {"spearman": spearman(p[name][held], u[held]) if len(held) >= 3 else None,
                                  "rmse": float(np.sqrt(np.mean((p[name][held] - u[held]) ** 2)))}
                           for name in ["ensemble"] + fams}})
-    return {"scheme": loo_name, "families": table, "held_out": loo, "leave_group_out": groups}
+    return {"scheme": loo_name, "families": table, "held_out": loo, "leave_group_out": groups, "actual": u}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -829,9 +432,13 @@ def domain_sizes(args, domains, notes):
         try:
             with open(args.manifest) as f:
                 datasets = json.load(f)["datasets"]
+            missing = [d for d in domains if d not in datasets]
             sizes = {d: datasets[d]["splits"]["train"]["rows"] for d in domains if d in datasets}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{args.manifest}: cannot read train sizes from this manifest ({e!r})")
+        if missing:
+            raise InputError(f"{args.manifest}: no train split for {missing}, which the runs trained on; give its "
+                             f"size with --sizes (e.g. --sizes={missing[0]}:5000) or the manifest of the data used")
     elif set(domains) <= set(PAPER_TRAIN_SIZES):
         sizes = {d: PAPER_TRAIN_SIZES[d] for d in domains}
         note(notes, "availability caps use the paper's training-set sizes (--sizes or --manifest to change)")
@@ -856,10 +463,12 @@ def constraints(args, domains, W, notes):
     for d, size in domain_sizes(args, domains, notes).items():
         caps[d] = min(1.0, size / prompts)
         high[domains.index(d)] = min(high[domains.index(d)], caps[d])
-    high[W.max(0) <= 1e-9] = 0.0
-    clash = [d for j, d in enumerate(domains) if low[j] > high[j]]
+    fixed = np.ptp(W, 0) <= 1e-9  # one weight in every run: its effect cannot be estimated, so it is held there
+    clash = [d for j, d in enumerate(domains) if low[j] > high[j] or (fixed[j] and not low[j] <= W[0, j] <= high[j])]
     if clash:
-        raise InputError(f"--bounds: the lower bound of {clash} exceeds its cap or the domain was never trained on")
+        raise InputError(f"--bounds: {clash}: the lower bound exceeds the cap, or the bounds exclude the one weight "
+                         f"every run gave it (such a domain is held at that weight)")
+    low[fixed] = high[fixed] = W[0, fixed]
     if low.sum() > 1 + 1e-9 or high.sum() < 1 - 1e-9:
         raise InputError(f"no mixture satisfies the bounds and caps: lower bounds sum to {low.sum():.3f}, upper "
                          f"bounds (caps {caps}) to {high.sum():.3f}; relax --bounds or raise --steps x "
@@ -883,6 +492,9 @@ def dirichlet_candidates(W, low, high, radius, count, seed):
     pull = rng.uniform(0, 1, (count, 1))
     local = (1 - pull) * anchors + pull * rng.dirichlet(np.ones(d), count)
     V = np.vstack([uniform, local])
+    fixed = low == high  # held domains (never trained, or one weight in every run): set, the rest rescaled
+    V[:, fixed] = low[fixed]
+    V[:, ~fixed] *= (1 - low[fixed].sum()) / V[:, ~fixed].sum(1, keepdims=True)
     return V[feasible(V, low, high, W, radius)]
 
 
@@ -948,7 +560,7 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    names = list(validation["held_out"])
+    names = [name for name in validation["held_out"] if name != "mean_only"]  # a flat line says nothing
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.3), squeeze=False)
     y = data["y"]
     for ax, name in zip(axes[0], names):
@@ -998,8 +610,7 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
         ax.set_xticks(range(len(data["domains"])), data["domains"], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(data["domains"])), data["domains"], fontsize=7)
         fig.colorbar(image, label=f"{objective} per unit w_i w_j")
-        ax.set_title(f"Scheffe quadratic: pairwise interactions\n(stacking weight "
-                     f"{model['weights']['scheffe']:.2f})", fontsize=9)
+        ax.set_title("Scheffe quadratic: pairwise interactions", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "interactions.png"), dpi=110)
         plt.close(fig)
@@ -1008,16 +619,49 @@ def plot_all(out_dir, data, sign, validation, proposals, model, objective):
 
 
 def validation_table(validation):
+    """Held-out figures of the model, each family, the paper's QuadSurface, and the two references a reader needs
+    to judge them: the mean of the training runs, and the model on shuffled scores."""
     lines = ["| family | LOO Spearman | 5-fold Spearman (mean ± sd over repeats) | RMSE | top-1 regret | "
              "top-3 regret |", "|---|---|---|---|---|---|"]
+    shown = {"mean_only": "mean of the others (reference)", "shuffled": "model on shuffled scores (reference)"}
     for name, m in validation["families"].items():
         cell = lambda k: f"{m[k]['value']:.3f} [{m[k]['interval'][0]:.3f}, {m[k]['interval'][1]:.3f}]"
-        lines.append(f"| {name} | {cell('spearman')} | {m['kfold_spearman']['mean']:.3f} ± "
-                     f"{m['kfold_spearman']['sd']:.3f} | {cell('rmse')} | {cell('regret_top1')} | "
-                     f"{cell('regret_top3')} |")
+        kfold = (f"{m['kfold_spearman']['mean']:.3f} ± {m['kfold_spearman']['sd']:.3f}" if "kfold_spearman" in m
+                 else "-")
+        lines.append(f"| {shown.get(name, name)} | {cell('spearman')} | {kfold} | {cell('rmse')} | "
+                     f"{cell('regret_top1')} | {cell('regret_top3')} |")
     if validation["scheme"] != "leave-one-out":
         lines[0] = lines[0].replace("LOO", validation["scheme"])
     return lines
+
+
+def beats_mean_share(predicted, mean_only, actual, resamples=1000):
+    """Share of bootstrap resamples of the runs in which the predictions' RMSE is below the mean-only RMSE."""
+    rows = np.random.default_rng(0).integers(0, len(actual), (resamples, len(actual)))
+    ours, theirs = (predicted - actual) ** 2, (mean_only - actual) ** 2
+    return float(np.mean(ours[rows].mean(1) < theirs[rows].mean(1)))
+
+
+def caution_of(validation, model_name):
+    """What a reader can act on: does the model predict held-out runs better than their mean, and does it rank them
+    better than it ranks shuffled scores? (Spearman against 0 misleads with few runs: the mean of the other runs
+    scores exactly -1 leave-one-out, since holding out a high run lowers the mean of the rest.)"""
+    table = validation["families"]
+    ours, mean_only, shuffled = table[model_name], table["mean_only"], table.get("shuffled")
+    scheme = validation["scheme"]
+    share = beats_mean_share(validation["held_out"][model_name], validation["held_out"]["mean_only"],
+                             validation["actual"])
+    if share < 0.9:
+        finding = (f"its {scheme} RMSE {ours['rmse']['value']:.4f} beats predicting each held-out run by the mean "
+                   f"of the others ({mean_only['rmse']['value']:.4f}) in only {share:.0%} of bootstrap resamples "
+                   f"of the runs")
+    elif shuffled and ours["spearman"]["value"] <= shuffled["spearman"]["interval"][1]:
+        finding = (f"its {scheme} Spearman {ours['spearman']['value']:.2f} lies within what it reaches on shuffled "
+                   f"scores (up to {shuffled['spearman']['interval'][1]:.2f})")
+    else:
+        return None
+    return (f"the {model_name} model: {finding}; these runs do not yet rank mixtures reliably, so treat the "
+            f"proposals as the next round of exploration, not as a forecast")
 
 
 def write_report(path, data, args, notes, validation, model, proposals, quad, plots, seconds):
@@ -1032,7 +676,9 @@ def write_report(path, data, args, notes, validation, model, proposals, quad, pl
     lines += ["## Runs", "", "| run | mixture | objective |", "|---|---|---|"]
     lines += [f"| {label} | {mixture_text(w, d)} | {y:.4f} |" for label, w, y in zip(data["labels"], data["W"], data["y"])]
     lines += ["", f"## Validation ({validation['scheme']}, {args.repeats} x {args.folds}-fold, leave-group-out)", "",
-              "Held-out predictions of every family; the ensemble's stacking weights are chosen inside each split. "
+              "Held-out predictions of every family, each refitted without the runs it predicts. References: the "
+              "mean of the training runs (leave-one-out Spearman -1 by construction: read its RMSE), and the model "
+              f"refitted on {args.permutations} shufflings of the scores (mean, and the 5-95% range in brackets). "
               f"Intervals: {int(INTERVAL * 100)}% bootstrap over runs. Regret: how far the best of the top-1 / top-3 "
               "runs the model ranks highest falls short of the best run, in objective units.", ""]
     lines += validation_table(validation)
@@ -1048,7 +694,7 @@ def write_report(path, data, args, notes, validation, model, proposals, quad, pl
                      f"{'-' if g[k]['spearman'] is None else format(g[k]['spearman'], '.2f')} / {g[k]['rmse']:.4f}"
                      for k in names]
             lines.append(f"| {g['held_out']} | {g['n']} | {g['fitted_on']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Model", "", "Stacking weights: " + ", ".join(f"{f} {w:.2f}" for f, w in model["weights"].items()),
+    lines += ["", "## Model", "", "Mean rank of: " + ", ".join(f"{f} ({w:.2f})" for f, w in model["weights"].items()),
               "", "## Proposals", "",
               f"Constraints: bounds {args.bounds or 'none'}; availability caps "
               f"{ {k: round(v, 3) for k, v in data['caps'].items()} or 'none'} "
@@ -1079,6 +725,291 @@ def shown_path(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+def score_key(name):
+    """'OutScore', 'out_score' and 'out-score' all name the same score."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def run_name(path, root):
+    """A run's name: its folder (the one above eval/<checkpoint>/, where evaluate.py writes) relative to the folder
+    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.dirname(folder)) == "eval":
+        folder = os.path.dirname(os.path.dirname(folder))
+    if root is None:
+        return os.path.basename(folder)
+    relative = os.path.relpath(folder, os.path.abspath(root))
+    return os.path.basename(folder) if relative == "." else relative
+
+
+def read_results_json(path, root=None):
+    """One run from evaluate.py's results.json: its mixture and every score (in_score, out_score, each benchmark)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as JSON ({e})")
+    if not isinstance(results, dict) or "mixture" not in results:
+        raise InputError(f"{path}: not an evaluate.py results file (no 'mixture' field)")
+    scores = {}
+    for name, bench in (results.get("benchmarks") or {}).items():
+        if isinstance(bench, dict) and bench.get("score") is not None:
+            scores[name] = bench["score"]
+    for name in ("in_score", "out_score"):
+        if results.get(name) is not None:
+            scores[name] = results[name]
+    name = run_name(path, root)
+    return {"label": name, "where": path, "mixture": results["mixture"], "scores": scores, "run": name,
+            "step": results.get("step")}
+
+
+def table2_mixture(run):
+    """Table 2's convention: the digits of `run` list the included datasets, weighted equally."""
+    digits = [int(c) for c in run]
+    bad = [d for d in digits if not 1 <= d <= len(PAPER_DOMAINS)]
+    if bad:
+        raise ValueError(f"dataset digit {bad[0]} (the paper's datasets are 1-{len(PAPER_DOMAINS)})")
+    return {PAPER_DOMAINS[d - 1]: 1.0 / len(digits) for d in digits}
+
+
+def read_table_csv(path, notes):
+    """Runs from a CSV: weight columns `w_<domain>`, or Table 2's `run` digits. Other numeric columns are scores."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read it as CSV ({e})")
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    columns = list(rows[0])
+    weight_columns = [c for c in columns if c.startswith("w_")]
+    if not weight_columns and "run" not in columns:
+        raise InputError(f"{path}: no mixture columns: expected `w_<domain>` weight columns or Table 2's `run` "
+                         f"column; found {columns}")
+    score_columns = [c for c in columns if c not in ("group", "run", "label") and c not in weight_columns]
+    runs, skipped = [], []
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        where = f"{path} row {i}"
+        label = " ".join(row[c] for c in ("group", "run", "label") if row.get(c)) or f"row {i}"
+        if weight_columns:
+            mixture = {c[2:]: parse_number(row[c], f"{where} column {c}") for c in weight_columns}
+        elif re.fullmatch(r"\d+", row["run"] or "") and len(set(row["run"])) == len(row["run"]):
+            try:
+                mixture = table2_mixture(row["run"])
+            except ValueError as e:
+                raise InputError(f"{where}: run {row['run']!r} names {e}")
+        else:  # Base (no training), the heuristic and model-based rows: the paper did not publish their weights
+            skipped.append(label)
+            continue
+        # kept as text: a column is parsed (and a bad cell reported) only when the objective uses it
+        scores = {c: row[c] for c in score_columns if (row[c] or "").strip()}
+        runs.append({"label": label, "where": where, "mixture": mixture, "scores": scores, "run": None, "step": None})
+    if skipped:
+        note(notes, f"{path}: {len(skipped)} rows have no known mixture and are not used for fitting "
+                    f"({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})")
+    return runs
+
+
+def parse_number(text, where):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {text!r} is not a number")
+    if not math.isfinite(value):
+        raise InputError(f"{where}: {text!r} is not a finite number")
+    return value
+
+
+def find_inputs(paths):
+    """(file, the folder it was found under or None) to read: CSVs and results.json files as given; folders give
+    every results.json below them."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
+            if not found:
+                raise InputError(f"{path}: no results.json below this folder")
+            files += [(f, path) for f in found]
+        elif os.path.isfile(path):
+            files.append((path, None))
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return files
+
+
+def pick_steps(runs, step, notes):
+    """One results file per training run: its last checkpoint, the StepAvg file, or a given step."""
+    by_run = {}
+    for r in runs:
+        by_run.setdefault(r["run"] if r["run"] is not None else id(r), []).append(r)
+    chosen = []
+    for name, group in by_run.items():
+        if step == "stepavg":
+            pick = [r for r in group if r["step"] is None and r["run"] is not None]
+        elif step == "last":
+            checkpoints = [r for r in group if r["step"] is not None] or group
+            pick = [max(checkpoints, key=lambda r: r["step"] or 0)]
+        else:
+            pick = [r for r in group if r["step"] == int(step)]
+        if not pick:
+            note(notes, f"run {name}: no results for --step={step} (it has steps "
+                        f"{sorted(str(r['step']) for r in group)}); left out")
+        elif len(group) > 1 and step == "last":
+            note(notes, f"run {name}: {len(group)} results files; using step {pick[0]['step']} "
+                        f"(--step=stepavg uses the checkpoint average, the paper's StepAvg)")
+        chosen += pick[:1]
+    return chosen
+
+
+def read_runs(paths, step, notes):
+    runs = []
+    for path, root in find_inputs(paths):
+        if path.lower().endswith(".csv"):
+            runs += read_table_csv(path, notes)
+        else:
+            runs.append(read_results_json(path, root))
+    json_runs = [r for r in runs if r["where"].endswith(".json")]
+    if json_runs:
+        runs = [r for r in runs if not r["where"].endswith(".json")] + pick_steps(json_runs, step, notes)
+    untrained = [r for r in runs if not r["mixture"]]
+    if untrained:
+        note(notes, f"{len(untrained)} results without a training mixture (a base model?) are not used: "
+                    f"{', '.join(r['where'] for r in untrained[:3])}")
+    return [r for r in runs if r["mixture"]]
+
+
+def parse_objective(text):
+    """'out_score', 'ChartQA' or '0.7*out_score + 0.3*in_score' -> [(coefficient, score name)]. Only '+' separates
+    terms (score names may contain '-'); a negative weight is written '-0.5*name'."""
+    terms = []
+    for term in text.replace(" ", "").split("+"):
+        coefficient, times, name = term.rpartition("*")
+        if times and not coefficient:
+            raise InputError(f"--objective={text!r}: the term {term!r} has a '*' with no number before it "
+                             f"(write e.g. 0.5*{name or 'out_score'})")
+        if not name:
+            raise InputError(f"--objective={text!r}: expected a score name or a weighted sum such as "
+                             f"0.5*in_score+0.5*out_score")
+        try:
+            terms.append((float(coefficient) if coefficient else 1.0, name))
+        except ValueError:
+            raise InputError(f"--objective={text!r}: {coefficient!r} is not a number (write e.g. 0.5*out_score)")
+    return terms
+
+
+def score_of(run, name):
+    """A run's score by name (case and _ ignored), as a float; None when the run lacks it."""
+    found = [k for k in run["scores"] if score_key(k) == score_key(name)]
+    if not found:
+        return None
+    value = run["scores"][found[0]]
+    if isinstance(value, str):
+        return parse_number(value, f"{run['where']} column {found[0]}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{run['where']}: score {found[0]!r} is {value!r}, not a finite number")
+    return float(value)
+
+
+def objective_value(run, terms, objective):
+    total = 0.0
+    for coefficient, name in terms:
+        value = score_of(run, name)
+        if value is None:
+            raise InputError(f"{run['where']}: no score {name!r} for --objective={objective!r}; "
+                             f"it has {sorted(run['scores'])}")
+        total += coefficient * value
+    if not abs(total) < LARGEST_OBJECTIVE:  # also catches inf and nan (inf - inf)
+        raise InputError(f"{run['where']}: --objective={objective!r} comes to {total!r} for this run; scores must "
+                         f"be finite and below {LARGEST_OBJECTIVE:g} in size (their squares must fit a float): "
+                         f"check this file's scores")
+    return total
+
+
+def check_mixture(mixture, where, notes_sums):
+    """Weights as floats summing to 1. Negative or non-numeric weights are errors; other sums are normalised."""
+    if not isinstance(mixture, dict):
+        raise InputError(f"{where}: the mixture must be {{domain: weight}}, got {mixture!r}")
+    clean = {}
+    for domain, w in mixture.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InputError(f"{where}: weight of {domain!r} is {w!r}, not a finite number")
+        if w < 0:
+            raise InputError(f"{where}: weight of {domain!r} is negative ({w}); weights must be >= 0")
+        clean[domain] = float(w)
+    total = sum(clean.values())
+    if total <= 0:
+        raise InputError(f"{where}: all mixture weights are zero")
+    if abs(total - 1) > 1e-6:
+        notes_sums.append((where, total))
+    return {d: w / total for d, w in clean.items()}
+
+
+def check_domain_sets(runs, notes):
+    """Results files list only the domains a run trained on, so a domain missing from a file means weight 0. Runs
+    that share no domain with the others at all are probably from another study: say so."""
+    domains = list(dict.fromkeys(d for r in runs for d in r["mixture"]))  # first-seen order
+    partial = [r for r in runs if set(r["mixture"]) != set(domains)]
+    if partial and any(r["where"].endswith(".json") for r in partial):
+        note(notes, f"{len(partial)} runs do not list every domain; their missing domains count as weight 0 "
+                    f"(e.g. {partial[0]['where']} lacks {sorted(set(domains) - set(partial[0]['mixture']))})")
+    groups = []  # connected components of runs linked by a shared domain with positive weight
+    for r in runs:
+        used = {d for d, w in r["mixture"].items() if w > 0}
+        linked = [g for g in groups if g & used]
+        merged = used.union(*linked) if linked else used
+        groups = [g for g in groups if not g & used] + [merged]
+    if len(groups) > 1 and len(runs) > len(groups):
+        note(notes, f"the runs fall into {len(groups)} groups with no trained domain in common "
+                    f"({'; '.join(str(sorted(g)) for g in groups)}): check that they belong to one study")
+    return domains
+
+
+def build_dataset(runs, objective, notes):
+    """Matrix of mixtures W (one row per distinct mixture), objective values y, and the noise estimate from
+    repeated runs of one mixture (averaged here)."""
+    if not runs:
+        raise InputError("no runs with a known mixture to learn from")
+    terms = parse_objective(objective)
+    sums = []
+    for r in runs:
+        r["mixture"] = check_mixture(r["mixture"], r["where"], sums)
+        r["y"] = objective_value(r, terms, objective)
+    if sums:
+        totals = [t for _, t in sums]
+        note(notes, f"{len(sums)} mixtures did not sum to 1 (sums {min(totals):.4g} to {max(totals):.4g}, e.g. "
+                    f"{sums[0][0]}): normalised")
+    domains = check_domain_sets(runs, notes)
+    groups = {}
+    for r in runs:
+        key = tuple(round(r["mixture"].get(d, 0.0), 6) for d in domains)
+        groups.setdefault(key, []).append(r)
+    W = np.array([list(k) for k in groups])
+    W /= W.sum(1, keepdims=True)
+    y = np.array([np.mean([r["y"] for r in g]) for g in groups.values()])
+    labels = [" = ".join(r["label"] for r in g) for g in groups.values()]
+    repeated = [g for g in groups.values() if len(g) > 1]
+    noise_sd = None
+    if repeated:
+        # pooled within-mixture standard deviation: the run-to-run noise of one objective value
+        dev = sum(np.sum((np.array([r["y"] for r in g]) - np.mean([r["y"] for r in g])) ** 2) for g in repeated)
+        noise_sd = float(np.sqrt(dev / sum(len(g) - 1 for g in repeated)))
+        note(notes, f"{len(repeated)} mixtures were run more than once ({sum(len(g) for g in repeated)} runs): "
+                    f"averaged; their spread gives a run-to-run noise SD of {noise_sd:.4g}")
+    if len(y) < 3:
+        raise InputError(f"need at least 3 distinct mixtures to fit anything; got {len(y)}")
+    if np.ptp(y) == 0:
+        raise InputError(f"the objective {objective!r} is the same ({y[0]:.4g}) for every run: nothing to learn")
+    fixed = {d: round(float(W[0, j]), 4) for j, d in enumerate(domains) if np.ptp(W[:, j]) <= 1e-9}
+    if fixed:
+        note(notes, f"weights that are the same in every run ({fixed}): their effect cannot be estimated, so "
+                    f"proposals hold them there")
+    return {"domains": domains, "W": W, "y": y, "labels": labels, "noise_sd": noise_sd, "n_runs": len(runs),
+            "groups": list(groups.values())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 def get_args(argv):
@@ -1106,11 +1037,16 @@ def get_args(argv):
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help="training steps of the planned run (default %(default)s)")
     p.add_argument("--prompts_per_step", type=int, default=PAPER_PROMPTS_PER_STEP,
                    help="prompts per step of the planned run (default %(default)s)")
-    p.add_argument("--alpha_single", type=float, default=1.0,
-                   help="Alpha heuristic: factor on single-dataset runs (the paper did not publish it; default 1)")
+    p.add_argument("--alpha_single", type=float, default=0.5,
+                   help="Alpha heuristic: factor on single-dataset runs. The paper did not publish it; Table 2's "
+                        "heuristic rows allow (0, 0.663) and rule out 1 (reference/modomodo/README.md); default "
+                        "%(default)s")
     p.add_argument("--top_k", type=int, default=10, help="the paper's QuadSurface: how many proposals (default 10)")
     p.add_argument("--log_floor", type=float, default=0.01,
-                   help="lasso_gp uses log(w + floor): a weight of 0 counts like 1%% of the data (default %(default)s)")
+                   help="log_lasso uses log(w + floor): a weight of 0 counts like 1%% of the data (default %(default)s)")
+    p.add_argument("--permutations", type=int, default=5,
+                   help="validation: refits on shuffled scores, the chance level of every held-out figure "
+                        "(default %(default)s; 0 skips)")
     p.add_argument("--folds", type=int, default=5, help="K of repeated K-fold validation (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of K-fold validation (default %(default)s)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits per proposal (default %(default)s)")
@@ -1122,13 +1058,14 @@ def get_args(argv):
     for name in ("proposals", "folds", "bootstrap", "steps", "prompts_per_step", "top_k"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1")
-    if args.folds < 2 or args.repeats < 0 or args.trust_radius <= 0 or args.log_floor <= 0:
-        raise InputError("--folds must be >= 2, --repeats >= 0, --trust_radius and --log_floor > 0")
+    if args.folds < 2 or args.repeats < 0 or args.permutations < 0 or args.trust_radius <= 0 or args.log_floor <= 0:
+        raise InputError("--folds must be >= 2, --repeats and --permutations >= 0, --trust_radius and --log_floor > 0")
     return args
 
 
 def settings_of(args):
     return {"log_floor": args.log_floor, "seed": args.seed, "folds": args.folds, "repeats": args.repeats,
+            "permutations": args.permutations,
             "bootstrap": args.bootstrap, "quiet": args.quiet}
 
 
@@ -1189,19 +1126,15 @@ def run(argv=None):
     print(f"{len(u)} distinct mixtures from {data['n_runs']} runs, {len(d)} domains ({', '.join(d)}); "
           f"objective {args.objective} ({'lower' if args.minimize else 'higher'} is better)")
     validation = validate(W, u, families, settings, d)
-    held_out = validation["families"]["ensemble" if args.model == "ensemble" else chosen[0]]["spearman"]
-    caution = None
-    if held_out["interval"][0] <= 0:
-        caution = (f"the {args.model} model's {validation['scheme']} Spearman is {held_out['value']:.2f} "
-                   f"[{held_out['interval'][0]:.2f}, {held_out['interval'][1]:.2f}]: these runs do not yet rank "
-                   f"mixtures reliably, so treat the proposals as the next round of exploration, not as a forecast")
+    caution = caution_of(validation, "ensemble" if args.model == "ensemble" else chosen[0])
+    if caution:
         note(notes, caution)
     model = fit_model(W, u, chosen, settings)
     proposals = propose(args, data, model, u, low, high, heuristics, quad)
     os.makedirs(args.out_dir, exist_ok=True)
     plots = plot_all(args.out_dir, data, sign, validation, proposals, model, args.objective)
     payload = {"format_version": 1, "objective": args.objective, "goal": "minimize" if args.minimize else "maximize",
-               "domains": d, "inputs": [shown_path(p) for p in args.inputs], "model": args.model, "stacking_weights": model["weights"],
+               "domains": d, "inputs": [shown_path(p) for p in args.inputs], "model": args.model, "ensemble_weights": model["weights"],
                "proposals": proposals,
                "validation": {name: m for name, m in validation["families"].items()},
                "notes": notes}
@@ -1219,7 +1152,7 @@ def print_summary(args, data, validation, proposals, model, seconds, caution):
     print(f"\nvalidation ({validation['scheme']}; {int(INTERVAL * 100)}% bootstrap intervals):")
     for line in validation_table(validation):
         print("  " + line)
-    print("\nstacking weights: " + ", ".join(f"{f} {w:.2f}" for f, w in model["weights"].items()))
+    print("\nmodel: mean rank of " + ", ".join(f"{f} ({w:.2f})" for f, w in model["weights"].items()))
     print(f"\nmixtures ({args.model} model predictions of {args.objective}):")
     width = max(len(p["name"]) for p in proposals)
     for i, p in enumerate(proposals):

@@ -560,34 +560,22 @@ def boxes_in(solution):
     return boxes
 
 
-def box_convention_of(problem):
-    """Visual-RFT's COCO prompts ask for boxes 'between 0 and 1000' (Qwen2-VL's grid); any other prompt gets pixels."""
-    return "qwen1000" if re.search(r"between 0 and 1000", problem) else "pixel"
-
-
-def pixel(v):
-    """A converted coordinate to 2 decimals (an integer when it is one): rounding to whole pixels would cost a
-    perfect 0-1000-grid answer some IoU once the reward maps it back."""
-    v = round(v, 2)
+def on_grid(v):
+    """A grid coordinate as the dataset wrote it: an integer when it is one."""
     return int(v) if v == int(v) else v
 
 
-def boxes_to_pixels(boxes, convention, size):
-    """Checks the raw boxes against the image (or the 0-1000 grid) and returns pixel boxes of the image.
-    Overshoot of at most 1 unit (rounding upstream) is clipped; more is a bad row."""
-    w, h = size
-    limit_x, limit_y = (1000, 1000) if convention == "qwen1000" else (w, h)
+def grid_boxes(boxes):
+    """Boxes on the 0-1000 grid, checked: an overshoot of at most 1 unit (rounding upstream) is clipped; more, or
+    an empty box, is a bad row."""
     out = []
     for b in boxes:
         x1, y1, x2, y2 = b
-        if min(x1, y1) < -1 or x2 > limit_x + 1 or y2 > limit_y + 1:
-            where_ = "the 0-1000 grid" if convention == "qwen1000" else f"the {w}x{h} image"
-            raise BadRow(f"box outside the image: {b} is outside {where_}")
+        if min(x1, y1) < -1 or max(x2, y2) > 1001:
+            raise BadRow(f"box outside the image: {b} is outside the 0-1000 grid")
         if x2 <= x1 or y2 <= y1:
             raise BadRow(f"empty box: {b}")
-        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(limit_x, x2), min(limit_y, y2)
-        sx, sy = (w / 1000, h / 1000) if convention == "qwen1000" else (1, 1)
-        out.append([pixel(x1 * sx), pixel(y1 * sy), pixel(x2 * sx), pixel(y2 * sy)])
+        out.append([on_grid(v) for v in (max(0, x1), max(0, y1), min(1000, x2), min(1000, y2))])
     return out
 
 
@@ -633,21 +621,21 @@ def with_suffix(problem, suffix):
 
 
 def convert_boxes(row, one_box, max_side):
-    """COCO (detection) and LISA (grounding): the problem carries its instruction already; boxes become pixels of
-    the stored image, moved with the image when it is shrunk."""
+    """COCO (detection) and LISA (grounding): the problem carries its instruction already. Both datasets give
+    boxes on the 0-1000 grid of the image, whatever the prompt says (the official README: "normalized to range from
+    0 to 1000, adaptive to image height and width"), the grid Qwen2-VL answers on. They stay on that grid (a shrunk
+    image keeps them valid) and meta box_convention "qwen1000" has the reward compare answers on it, as the official
+    code does."""
     problem = require_text(row, "problem")
     solution = require_text(row, "solution")
     img, original = decode_image(row.get("image"), "image")
-    convention = box_convention_of(problem)
-    boxes = boxes_to_pixels(boxes_in(solution), convention, img.size)
+    boxes = boxes_in(solution)
     if one_box and len(boxes) != 1:
         raise BadRow(f"{len(boxes)} boxes for a one-box grounding question")
     data, out_img = stored(img, original, max_side)
-    if out_img.size != img.size:
-        sx, sy = out_img.size[0] / img.size[0], out_img.size[1] / img.size[1]
-        boxes = [[pixel(b[0] * sx), pixel(b[1] * sy), pixel(b[2] * sx), pixel(b[3] * sy)] for b in boxes]
+    boxes = grid_boxes(boxes)
     answer = json.dumps(boxes[0] if one_box else boxes)
-    return (problem, f"<answer>{answer}</answer>", data, out_img, {"box_convention": convention})
+    return (problem, f"<answer>{answer}</answer>", data, out_img, {"box_convention": "qwen1000"})
 
 
 def convert_detection(row):
@@ -936,10 +924,11 @@ def convert_hub(domain, split, source, data_dir, strict=False, force=False):
 HELP_NOTES = """\
 SAT, ScienceQA, GeoQAV and GeoQA problems get the paper's suffix " Output the thinking process in <think> </think>
 and final answer (option) in <answer> </answer> tags."; lettered options are read from the problem (ScienceQA's are
-folded into it) and answers become option letters. COCO and LISA problems keep their own instruction; COCO's boxes
-are on Qwen2-VL's 0-1000 grid (meta box_convention qwen1000), solution boxes are always pixels of the stored image.
-LISA and GeoQAV images longer than 640 px are shrunk, boxes moved with them. Benchmarks: lmms-eval's default prompt,
-then the reasoning suffix; MMMU's several images are tiled into one composite, each labelled "<image k>".
+folded into it) and answers become option letters. COCO and LISA problems keep their own instruction; their boxes
+are read on the 0-1000 grid of the image (the official README's convention, Qwen2-VL's answer grid) and stay
+on it (meta box_convention qwen1000; the synthetic suite's boxes are pixels). LISA and GeoQAV images
+longer than 640 px are shrunk (grid boxes need no moving). Benchmarks: lmms-eval's default prompt, then the
+reasoning suffix; MMMU's several images are tiled into one composite, each labelled "<image k>".
 The -test repositories hold a single split, read whatever it is called. lmms-eval moved its lmms-lab copies to
 lmms-lab-encoder/ in July 2026 (same data): --source lmms-lab-encoder/ChartQA etc.
 A bad row (missing field, undecodable image, box outside the image, unparsable solution) is skipped and listed in

@@ -12,35 +12,49 @@ math       {0, 1}   numeric equivalence: 12, 0.5, 1/2, \\frac{1}{2}, 2\\sqrt{3},
 iou        [0, 1]   IoU of the answered box [x1, y1, x2, y2] with the ground-truth box
 detection  [0, 1]   boxes matched greedily by confidence (IoU > 0.5): sum of matched IoU / max(#truth, #predicted)
 
-Each domain has one accuracy reward (weight 2.0) and the format reward (weight 1.0), the paper's weights, so a
-total lies in [0, 3]. Solutions are the records' `solution` strings; malformed ones raise SolutionError.
-The record's meta carries `box_convention` ("pixel", default, or "qwen1000": Qwen2-VL's 0-1000 grid, scaled by
-`image_size` / 1000 before IoU), `image_size` [w, h], and `options` {"A": "text", ...} for multiple choice.
+Each domain has one accuracy reward (weight 2.0) and the format reward (weight 1.0), the paper's weights (the
+official YAML's reward_weights 2.0, 2.0, 1.0), so a total lies in [0, 3]. Solutions are the records' `solution`
+strings; malformed ones raise SolutionError.
+The record's meta carries `box_convention` ("pixel", default: solution and answers in pixels of the stored image;
+or "qwen1000": both on the 0-1000 grid of the image that Qwen2-VL answers on and the paper's LISA and COCO give;
+IoU is the same on either, since it does not change when an axis is scaled), `image_size` [w, h], and `options`
+{"A": "text", ...} for multiple choice.
 
-Options of score() (also keywords of the reward functions that use them):
+Options of score() (the last three also keywords of the reward functions that use them):
+- reward_mode: "ours" (default) or "official": the official code's scoring throughout, each difference below
+  undone except the last (a NaN reward would stop training); format_mode, gate_on_format and iou_threshold then do
+  not apply.
+- reward_weights: {reward name: weight}, e.g. {"format": 1.0, "iou": 2.0}, for the rewards it names (default:
+  2.0 and 1.0).
 - format_mode: "strict" (default; the official code's form, a newline after/before every tag) or "lenient"
   (any whitespace around and between the two blocks).
 - gate_on_format: True (default, the paper: a failed format zeroes every reward) or False (the official code:
   accuracy is scored whatever the format).
-- iou_threshold: None (default: the IoU itself) or e.g. 0.5 (the official code: 1.0 when IoU > 0.5, else 0.0).
+- iou_threshold: None (default: the IoU itself) or e.g. 0.5 (VLM-R1's grounding reward, and the official code's
+  descendant for Qwen2.5-VL: 1.0 when IoU > 0.5, else 0.0).
 
-Where this differs from the official MoDoMoDo code (built on open-r1 / VLM-R1 / Visual-RFT), on purpose:
+Where "ours" differs from the official MoDoMoDo code (built on open-r1 / VLM-R1 / Visual-RFT; read in its
+descendant VietHoang1512/recap, which keeps its reward functions), on purpose:
 - accuracy is gated on format by default (the paper's rule; the code does not gate);
-- math_verify never runs on box or choice answers (the code tries it first on every answer, and a number in a
-  box answer could match the solution); for `math` only its parser runs, after our own number reader fails, on
-  the answer text only, bounded in length and never on a list or box; the comparison (tolerance) stays ours;
+- math_verify never runs on box or choice answers (the code first verifies its parse of the whole completion
+  against its parse of the solution, on every domain, and a number in a box answer could match the solution);
+  for `math` only its parser runs, after our own number reader fails, on the answer text only, bounded in length
+  and never on a list or box; the comparison (tolerance) stays ours;
 - the <answer> tag is found across newlines (the code's r'<answer>(.*?)</answer>' lacks DOTALL, so a multi-line
-  answer fell back to the whole completion);
+  answer fell back to the whole completion; for a box answer in the strict format that means no box at all);
 - no exception is swallowed: malformed solutions raise SolutionError, bugs surface; every completion, however
   broken, gets a finite reward because the parsers reject it, not because a try/except hides it;
 - one of each tag is required and nothing but whitespace may follow </answer> (the code's MULTILINE `$` let any
   text follow a newline after </answer>);
-- choice letters are read from the forms above, not "any standalone capital A-H anywhere" (which rewarded the
+- choice letters are read from the forms above, not "the last standalone capital A-H" (which rewarded the
   article in "A cat"); the option text is accepted; no answer tag means no answer (the code graded the whole
-  completion instead);
-- detection accepts plain boxes and Qwen2.5-VL's "bbox_2d" key as well as "Position", and rewards an empty
-  prediction when the truth is "No Objects"; iou takes the highest-confidence box of a list (the code took the
-  first [x1, y1, x2, y2] of non-negative integers only);
+  completion instead); math answers are numbers compared as numbers (the code scores GeoQA with its choice reward:
+  the same string, or the same last letter);
+- detection accepts plain boxes and Qwen2.5-VL's "bbox_2d" key as well as "Position" (the code needs JSON
+  objects with "Position" and "Confidence"), and rewards an empty prediction when the truth is "No Objects" (the
+  code cannot read that truth and scores 0);
+- LISA is scored by IoU of the most confident box (the code scores it with the detection reward: IoU kept only
+  when > 0.5, divided by the number of boxes answered);
 - boxes whose corners are inverted (x2 < x1) or not finite score IoU 0 (the code's arithmetic could give NaN).
 
 CLI: python rewards.py --domain lisa --solution '<answer>[10, 10, 50, 50]</answer>' \\
@@ -80,6 +94,8 @@ DOMAIN_REWARDS = {
     "syn_compare": [("choice", 2.0), ("format", 1.0)],
 }
 FORMAT_MODES = ("strict", "lenient")
+REWARD_MODES = ("ours", "official")
+REWARD_NAMES = ("format", "choice", "math", "iou", "detection")
 BOX_CONVENTIONS = ("pixel", "qwen1000")
 LETTERS = "ABCDEFGH"
 DETECTION_MATCH_IOU = 0.5  # Visual-RFT's matching threshold: a predicted box counts when IoU > 0.5
@@ -458,24 +474,16 @@ def iou(a, b):
     return min(1.0, value) if math.isfinite(value) else 0.0  # min: rounding can exceed 1 by an ulp
 
 
-def _to_pixels(box, meta):
-    """A predicted box in pixels of the stored image (Qwen2-VL answers on a 0-1000 grid)."""
-    if meta.get("box_convention", "pixel") == "pixel":
-        return box
-    width, height = meta["image_size"]
-    return (box[0] * width / 1000, box[1] * height / 1000, box[2] * width / 1000, box[3] * height / 1000)
-
-
-def _iou_score(answer, truth_box, meta, iou_threshold):
+def _iou_score(answer, truth_box, iou_threshold):
     boxes = _predicted_boxes(answer) if answer is not None else []
     if not boxes:
         return 0.0
     box = max(boxes, key=lambda pair: _rank(pair[1]))[0]  # the most confident; ties: the first
-    value = iou(_to_pixels(box, meta), truth_box)
+    value = iou(box, truth_box)
     return value if iou_threshold is None else float(value > iou_threshold)
 
 
-def _check_iou_threshold(iou_threshold):
+def check_iou_threshold(iou_threshold):
     if iou_threshold is not None and not 0.0 < iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must lie in (0, 1), got {iou_threshold!r}")
 
@@ -487,10 +495,10 @@ def _rank(confidence):
 def iou_reward(completion, solution, meta=None, *, iou_threshold=None):
     """IoU of the answered box (the most confident, when the answer lists several) with the solution's box;
     with iou_threshold, 1.0 when IoU > iou_threshold else 0.0."""
-    _check_iou_threshold(iou_threshold)
+    check_iou_threshold(iou_threshold)
     meta = _check_meta(meta, "iou")
     truth = _parse_truth("iou", solution, meta, "iou")
-    return _iou_score(extract_answer(completion), truth, meta, iou_threshold)
+    return _iou_score(extract_answer(completion), truth, iou_threshold)
 
 
 def _overlapping_truths(predicted_boxes, truth_boxes):
@@ -527,21 +535,24 @@ def _overlapping_truths(predicted_boxes, truth_boxes):
     return candidates
 
 
-def _detection_score(answer, truth_boxes, meta):
-    if answer is None:
-        return 0.0
-    predicted, seen = [], set()
-    for box, confidence in _predicted_boxes(answer):  # duplicates removed, the first kept (as Visual-RFT)
+def _by_confidence(boxes):
+    """(box, confidence) pairs with duplicate boxes removed (the first kept, as Visual-RFT), most confident first
+    (stable: equal confidences keep answer order; a non-finite confidence ranks as 0)."""
+    seen, unique = set(), []
+    for box, confidence in boxes:
         if box not in seen:
             seen.add(box)
-            predicted.append((_to_pixels(box, meta), _rank(confidence)))
-    if not truth_boxes:  # the truth is "No Objects": right when nothing is detected
-        return 1.0 if not predicted else 0.0
-    predicted.sort(key=lambda pair: -pair[1])  # stable: equal confidences keep answer order
+            unique.append((box, _rank(confidence)))
+    return sorted(unique, key=lambda pair: -pair[1])
+
+
+def _matched_iou(boxes, truth_boxes):
+    """Visual-RFT's matching: the boxes, in order, each take the unmatched truth box of highest IoU (ties: the
+    first) when that IoU > 0.5. Returns the sum of the matched IoUs."""
     matched, total = set(), 0.0
-    for candidates in _overlapping_truths([box for box, _ in predicted], truth_boxes):
+    for candidates in _overlapping_truths(boxes, truth_boxes):
         best, best_iou = None, DETECTION_MATCH_IOU
-        for index, value in candidates:  # the unmatched truth of highest IoU; ties: the first
+        for index, value in candidates:
             if index not in matched and value > best_iou:
                 best, best_iou = index, value
         if best is not None:
@@ -549,7 +560,16 @@ def _detection_score(answer, truth_boxes, meta):
             total += best_iou
             if len(matched) == len(truth_boxes):
                 break  # the rest can match nothing
-    return total / max(len(truth_boxes), len(predicted))
+    return total
+
+
+def _detection_score(answer, truth_boxes):
+    if answer is None:
+        return 0.0
+    predicted = _by_confidence(_predicted_boxes(answer))
+    if not truth_boxes:  # the truth is "No Objects": right when nothing is detected
+        return 1.0 if not predicted else 0.0
+    return _matched_iou([box for box, _ in predicted], truth_boxes) / max(len(truth_boxes), len(predicted))
 
 
 def detection_reward(completion, solution, meta=None):
@@ -558,7 +578,7 @@ def detection_reward(completion, solution, meta=None):
     A "No Objects" truth scores 1.0 when no box is predicted."""
     meta = _check_meta(meta, "detection")
     truth = _parse_truth("detection", solution, meta, "detection")
-    return _detection_score(extract_answer(completion), truth, meta)
+    return _detection_score(extract_answer(completion), truth)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,8 +607,6 @@ def _check_meta(meta, where):
     if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
                                  and all(_is_number(v) and v > 0 for v in size)):
         raise SolutionError(f"{where}: meta image_size must be [width, height] > 0, got {_short(size)}")
-    if convention == "qwen1000" and size is None:
-        raise SolutionError(f"{where}: meta box_convention 'qwen1000' needs image_size to convert boxes")
     options = meta.get("options")
     if options is not None and not (isinstance(options, dict)
                                     and all(k in LETTERS and isinstance(v, str) for k, v in options.items())):
@@ -607,10 +625,11 @@ def _truth_box(value, meta, where, solution):
     x1, y1, x2, y2 = map(float, value)
     if x2 <= x1 or y2 <= y1:
         raise SolutionError(f"{where}: solution {_short(solution)} has an empty or inverted box {_short(value)}")
-    size = meta.get("image_size")
-    if size is not None and (x1 < -1 or y1 < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):  # 1 px for rounding
-        raise SolutionError(f"{where}: solution {_short(solution)} has a box {_short(value)} outside the "
-                            f"{size[0]}x{size[1]} image (solution boxes are pixels of the stored image)")
+    on_grid = meta.get("box_convention", "pixel") == "qwen1000"
+    size = (1000, 1000) if on_grid else meta.get("image_size")
+    if size is not None and (x1 < -1 or y1 < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):  # 1 unit for rounding
+        where_ = "the 0-1000 grid" if on_grid else f"the {size[0]}x{size[1]} image"
+        raise SolutionError(f"{where}: solution {_short(solution)} has a box {_short(value)} outside {where_}")
     return (x1, y1, x2, y2)
 
 
@@ -677,30 +696,160 @@ def parse_solution(solution, domain, meta=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The official code's scoring (reward_mode="official"), rebuilt from its behaviour as its descendant
+# VietHoang1512/recap (MoDoMoDo's code with the same reward functions and weighting) shows it: SAT, ScienceQA,
+# GeoQAV and GeoQA use one choice reward, COCO and LISA one Visual-RFT detection reward, every domain the open-r1
+# format reward, and the total is the weighted sum with no gate. Our synthetic domains take the official reward of
+# their reward type. Each step below is one of the differences listed at the top of this file.
+
+_OFFICIAL_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL | re.MULTILINE)
+_OFFICIAL_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: a multi-line answer is not found
+# a letter between start / whitespace / bracket and whitespace / bracket / end; the delimiters are consumed, so in
+# "A B" only A is found (as the official findall does)
+_OFFICIAL_LETTER = re.compile(r"(?:^|\s|\[|\()([A-H])(?:\s|\]|\)|$)")
+
+
+def official_format_reward(completion):
+    """The official format reward: the open-r1 layout matched from the start, where "$" (MULTILINE) may stop at
+    any line end, so text after "</answer>\n" passes, and tags may repeat."""
+    return 1.0 if _OFFICIAL_FORMAT.match(completion) else 0.0
+
+
+def official_answer(text):
+    """The official code's answer: the first <answer>...</answer> on one line, else the whole text (stripped)."""
+    match = _OFFICIAL_ANSWER.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def _official_math_verify(completion, solution):
+    """The official rewards' first test, on every domain: math_verify's parse of the whole completion verified
+    against its parse of the solution string. Its timeouts use signal.alarm, which only the main thread has."""
+    from math_verify import parse, verify  # imported on first use: sympy takes ~1 s to import
+
+    if threading.current_thread() is threading.main_thread():
+        return verify(parse(completion), parse(solution))  # math_verify's default timeouts, as the official code
+    return verify(parse(completion, parsing_timeout=None), parse(solution, parsing_timeout=None), timeout_seconds=None)
+
+
+def _official_choice(completion, solution):
+    """The official choice reward (SAT, ScienceQA, GeoQAV, GeoQA): math_verify first; else the answer equal to the
+    solution's, or the last standalone letter A-H in it equal to the solution's."""
+    if _official_math_verify(completion, solution):
+        return 1.0
+    truth, answer = official_answer(solution), official_answer(completion)
+    letters = _OFFICIAL_LETTER.findall(answer)
+    return 1.0 if answer == truth or (letters and letters[-1] == truth) else 0.0
+
+
+def _official_objects(answer):
+    """The boxes of an official detection answer, [(box, confidence)], or None where the official code gets no
+    list (or raises and scores 0): "[[" / "]]" folded to "[" / "]", newlines dropped, a list cut off after its
+    last complete object closed, single quotes made double, then JSON: a non-empty list of objects, each with a
+    4-number "Position" and a numeric "Confidence" (a number beyond a float's range makes the official arithmetic
+    raise)."""
+    text = answer.replace("[[", "[").replace("]]", "]").replace("\n", "")
+    if not text.endswith("]"):
+        text = text.rsplit("},", 1)[0] + "}]"
+    try:
+        value = json.loads(text.replace("'", '"'))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not (isinstance(value, list) and value):
+        return None
+    objects = []
+    for item in value:
+        if not (isinstance(item, dict) and "Position" in item and "Confidence" in item):
+            return None
+        box, confidence = item["Position"], item["Confidence"]
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_float_like, box))
+                and _is_float_like(confidence)):
+            return None
+        objects.append((tuple(map(float, box)), float(confidence)))
+    return objects
+
+
+def _is_float_like(value):
+    return isinstance(value, float) or (isinstance(value, int) and value.bit_length() <= 1023)
+
+
+def _official_detection(completion, solution, truth_boxes):
+    """Visual-RFT's detection reward as the official code runs it on COCO and LISA: math_verify first; then the
+    boxes of the answer (official_objects), duplicates removed, by decreasing confidence, each taking the unmatched
+    truth box of highest IoU when that IoU > 0.5; sum of matched IoU / max(#truth, #predicted). A "No Objects"
+    truth scores 0 (the official code cannot read it)."""
+    if _official_math_verify(completion, solution):
+        return 1.0
+    objects = _official_objects(official_answer(completion))
+    if objects is None or not truth_boxes:
+        return 0.0
+    predicted = _by_confidence(objects)
+    return min(1.0, _matched_iou([box for box, _ in predicted], truth_boxes) / max(len(truth_boxes), len(predicted)))
+
+
+def _official_accuracy(name, completion, solution, truth):
+    if name in ("choice", "math"):
+        return _official_choice(completion, solution)
+    return _official_detection(completion, solution, [truth] if name == "iou" else truth)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The router.
 
-def score(completion, solution, domain, meta=None, *, format_mode="strict", gate_on_format=True,
-          iou_threshold=None):
+def read_reward_weights(weights):
+    """{reward name: weight} from a dict or its JSON text ("" or None: the paper's weights), checked: the
+    official YAML's reward_weights, keyed by our reward names. Raises ValueError naming the bad entry."""
+    if weights in (None, ""):
+        return {}
+    if isinstance(weights, str):
+        try:
+            weights = json.loads(weights)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"reward_weights is not JSON ({error}): {weights!r}") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"reward_weights must map reward names to weights, e.g. "
+                         f'{{"format": 1.0, "choice": 2.0}}, got {_short(weights)}')
+    for name, weight in weights.items():
+        if name not in REWARD_NAMES:
+            raise ValueError(f"reward_weights names {name!r}, not a reward ({', '.join(REWARD_NAMES)})")
+        if not _is_number(weight):
+            raise ValueError(f"reward_weights[{name!r}] must be a finite number, got {_short(weight)}")
+    return {name: float(weight) for name, weight in weights.items()}
+
+
+def score(completion, solution, domain, meta=None, *, reward_mode="ours", reward_weights=None,
+          format_mode="strict", gate_on_format=True, iou_threshold=None):
     """Every reward of the domain and their weighted total: {"<accuracy reward>": a, "format": f, "total": t}.
-    With gate_on_format (the paper), a failed format zeroes the accuracy reward as well; the values returned are
-    the ones the total is made of. Raises SolutionError for a malformed solution or meta, never for a completion."""
+    reward_mode "ours" (default): our readers; with gate_on_format (the paper), a failed format zeroes the accuracy
+    reward as well. reward_mode "official": the official code's scoring throughout (see official_format_reward and
+    what follows it); format_mode, gate_on_format and iou_threshold do not apply. reward_weights: {reward name:
+    weight} (read_reward_weights), replacing the paper's 2.0 / 1.0 for the rewards it names. The values returned
+    are the ones the total is made of. Raises SolutionError for a malformed solution or meta, never for a
+    completion."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a string, got {type(completion).__name__}")
-    _check_iou_threshold(iou_threshold)
-    rewards = _rewards_of(domain)
+    if reward_mode not in REWARD_MODES:
+        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
+    check_iou_threshold(iou_threshold)
+    custom = read_reward_weights(reward_weights)
+    weights = {name: custom.get(name, weight) for name, weight in _rewards_of(domain)}
     meta = _check_meta(meta, domain)
     truth = parse_solution(solution, domain, meta)
-    formatted = format_reward(completion, mode=format_mode)
     result = {}
-    for name, _ in rewards:
-        if name == "format":
-            result[name] = formatted
-        elif gate_on_format and formatted < 1.0:
-            result[name] = 0.0
-        else:
-            result[name] = _accuracy(name, extract_answer(completion), truth, meta, iou_threshold)
+    if reward_mode == "official":
+        for name in weights:
+            result[name] = (official_format_reward(completion) if name == "format"
+                            else _official_accuracy(name, completion, solution, truth))
+    else:
+        formatted = format_reward(completion, mode=format_mode)
+        for name in weights:
+            if name == "format":
+                result[name] = formatted
+            elif gate_on_format and formatted < 1.0:
+                result[name] = 0.0
+            else:
+                result[name] = _accuracy(name, extract_answer(completion), truth, meta, iou_threshold)
     # rounded so that 2 * 0.9025 + 1 reads 2.805, not 2.8049999999999997, in logs and JSON
-    result["total"] = round(sum(weight * result[name] for name, weight in rewards), 12)
+    result["total"] = round(sum(weight * result[name] for name, weight in weights.items()), 12)
     return result
 
 
@@ -710,8 +859,8 @@ def _accuracy(name, answer, truth, meta, iou_threshold):
     if name == "math":
         return _math_score(answer, truth)
     if name == "iou":
-        return _iou_score(answer, truth, meta, iou_threshold)
-    return _detection_score(answer, truth, meta)
+        return _iou_score(answer, truth, iou_threshold)
+    return _detection_score(answer, truth)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -739,7 +888,15 @@ def main(argv=None):
                         help="score accuracy even when the format fails (the official code); default: the "
                              "paper's rule, a failed format zeroes every reward")
     parser.add_argument("--iou_threshold", type=float, default=None, metavar="T",
-                        help="iou gives 1.0 when IoU > T else 0.0 (the official code uses 0.5); default: the IoU")
+                        help="iou gives 1.0 when IoU > T else 0.0 (VLM-R1's grounding reward uses 0.5); default: "
+                             "the IoU")
+    parser.add_argument("--reward_mode", choices=REWARD_MODES, default="ours",
+                        help="official: score exactly as the official code (no gate, its format regex and answer "
+                             "readers, Visual-RFT's detection reward for LISA); --format, --no_gate and "
+                             "--iou_threshold then do not apply")
+    parser.add_argument("--reward_weights", default="", metavar="JSON",
+                        help='weights by reward name, e.g. \'{"format": 1.0, "iou": 2.0}\' (default: accuracy 2.0, '
+                             "format 1.0, the official YAML's reward_weights)")
     args = parser.parse_args(argv)
     completion = sys.stdin.read() if args.completion == "-" else args.completion
     try:
@@ -747,9 +904,10 @@ def main(argv=None):
     except json.JSONDecodeError as error:
         parser.error(f"--meta is not JSON ({error}): {args.meta!r}")
     try:
-        result = score(completion, args.solution, args.domain, meta, format_mode=args.format_mode,
+        result = score(completion, args.solution, args.domain, meta, reward_mode=args.reward_mode,
+                       reward_weights=args.reward_weights, format_mode=args.format_mode,
                        gate_on_format=args.gate_on_format, iou_threshold=args.iou_threshold)
-    except ValueError as error:  # SolutionError, or an iou threshold outside (0, 1)
+    except ValueError as error:  # SolutionError, bad reward weights, or an iou threshold outside (0, 1)
         parser.error(str(error))
     print(json.dumps(result))
 

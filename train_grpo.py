@@ -17,10 +17,11 @@ What it keeps of GRPO (Shao et al. 2024, as the paper and TRL run it) and why:
   are options.
 What it drops: no value model, no entropy bonus, no reward model (every reward is a program, rewards.py).
 
-Data: prepare_data.py's records; the mixture {domain: weight} picks a domain with probability w, then an unseen
-example of it. `interleave_under` ends training when the picked domain is exhausted (paper); `with_replacement`
-reshuffles it. The whole sampling schedule is a function of (seed, mixture, dataset sizes), so resuming at step k
-replays exactly the data an uninterrupted run would have seen.
+Data: prepare_data.py's records. `interleave_under` (paper) trains on the pool the official loader builds,
+datasets.interleave_datasets(probabilities=mixture, seed, stopping_strategy="first_exhausted"), for as many
+epochs as max_steps needs, reshuffled each epoch; `with_replacement` picks a domain with probability w, then an
+unseen example of it, reshuffling a domain it has used up. The whole sampling schedule is a function of (seed,
+mixture, dataset sizes), so resuming at step k replays exactly the data an uninterrupted run would have seen.
 
 Model: init_from, by default cold_start.py's output (the tiny model after its supervised cold start); the model
 itself (loading, prompts, sampling, the log-probs of completions) is vlm.py's.
@@ -65,8 +66,9 @@ max_pixels = 0                    # image processor's max pixels per image (0: t
 mixture = "uniform"               # "uniform", '{"syn_count": 2, "syn_ground": 1}', a {domain: w} JSON file,
                                   # or predict_mixture.py's mixtures.json
 mixture_proposal = ""             # which proposal of a mixtures.json (default: its first)
-sampling = "interleave_under"     # "interleave_under": stop when a domain is exhausted (paper) | "with_replacement"
-max_steps = 150                   # GRPO steps; 0: until a domain is exhausted (interleave_under only)
+sampling = "interleave_under"     # "interleave_under" (paper): epochs over the pool interleave_datasets builds,
+                                  # which ends when its first domain is used up | "with_replacement"
+max_steps = 150                   # GRPO steps; 0: one pass over the interleave_under pool
 # GRPO
 prompts_per_step = 4              # prompts per step over all processes (paper: 2)
 num_generations = 6               # G, completions per prompt (paper: 6); a step's prompts x G completions are
@@ -74,6 +76,8 @@ num_generations = 6               # G, completions per prompt (paper: 6); a step
 micro_batch_size = 0              # completions per forward/backward (0: all of a process's); gradients accumulate
 temperature = 1.0
 max_prompt_length = 1024          # a longer prompt is an error naming the record (images cannot be cut)
+system_prompt = "default"         # "default": the chat template's own | "r1": the official README's R1 prompt
+                                  # (vlm.SYSTEM_PROMPTS), in HF and vLLM rollouts alike; give cold_start.py the same
 max_completion_length = 64        # paper: 1024
 ignore_eos = False                # benchmarks: always generate max_completion_length tokens
 epsilon_low = 0.2
@@ -82,8 +86,13 @@ beta = 0.04                       # k3 KL coefficient; 0 loads no reference mode
 scale_rewards = True              # divide advantages by the group std (False: Dr. GRPO)
 loss_type = "token"               # "token": mean over the micro-batch's tokens (paper) | "sequence" | "dr_grpo"
 num_iterations = 1                # mu: optimizer updates per batch of rollouts
+reward_mode = "ours"              # "ours" | "official": score exactly as the official code (rewards.py's docstring
+                                  # lists the differences; the three reward_* settings below then do not apply)
+reward_weights = ""               # the official YAML's reward_weights by name, e.g. '{"format": 1.0, "iou": 2.0}'
+                                  # ("": accuracy 2.0, format 1.0, the paper's)
 reward_gate_on_format = True      # a failed format zeroes every reward (paper); False: the official code
 reward_format_mode = "strict"     # "strict" (official regex) | "lenient"
+reward_iou_threshold = 0.0        # 0: grounding reward is the IoU; e.g. 0.5: 1 when IoU > 0.5 (VLM-R1's)
 # optimizer: AdamW, linear warm-up then linear decay
 learning_rate = 3e-4              # paper: 1e-6
 weight_decay = 0.0
@@ -170,9 +179,17 @@ def parse_config(argv):
     config = read_settings(argv, DEFAULTS, __file__, __doc__)
     for key, allowed in [("sampling", ("interleave_under", "with_replacement")),
                          ("loss_type", ("token", "sequence", "dr_grpo")),
-                         ("reward_format_mode", ("strict", "lenient"))]:
+                         ("reward_format_mode", ("strict", "lenient")),
+                         ("reward_mode", rewards.REWARD_MODES)]:
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {allowed}, got {config[key]!r}")
+    if config["max_steps"] < 0:
+        raise SystemExit(f"error: max_steps must be >= 0 (0: until a domain is exhausted), got {config['max_steps']}")
+    try:
+        scoring_options(config)
+        vlm.system_prompt_text(config["system_prompt"])
+    except ValueError as e:  # a bad reward_weights, reward_iou_threshold or system_prompt
+        raise SystemExit(f"error: {e}")
     if config["sampling"] == "with_replacement" and config["max_steps"] <= 0:
         raise SystemExit("error: sampling=with_replacement never runs out of data: set max_steps > 0")
     if config["rollout_engine"] not in ("hf", "vllm"):
@@ -201,22 +218,18 @@ def resolve_mixture(spec, proposal, domains):
         raw = {d: 1.0 for d in domains}
     else:
         if spec.lstrip().startswith("{"):
-            raw, where = json.loads(spec), "--mixture"
+            try:
+                raw, where = json.loads(spec), "--mixture"
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: --mixture is not valid JSON ({e}); write it as "
+                                 """'{"syn_count": 2, "syn_ground": 1}'""")
         else:
             try:
                 with open(spec) as f:
                     raw, where = json.load(f), spec
             except (OSError, json.JSONDecodeError) as e:
                 raise SystemExit(f"error: cannot read mixture file {spec}: {e}")
-        if "proposals" in raw:  # predict_mixture.py output
-            proposals = raw["proposals"]
-            chosen = [p for p in proposals if p.get("name") == proposal] if proposal else proposals[:1]
-            if not chosen:
-                names = [p.get("name") for p in proposals]
-                raise SystemExit(f"error: no proposal named {proposal!r} in {spec}; it has {names}")
-            raw = chosen[0]["mixture"]
-        elif "mixture" in raw and isinstance(raw["mixture"], dict):  # a run's config.json
-            raw = raw["mixture"]
+        raw = mixture_weights_of(raw, proposal, where)
         unknown = sorted(set(raw) - set(domains))
         if unknown:
             raise SystemExit(f"error: mixture ({where}) names unknown domain(s) {unknown}; "
@@ -230,26 +243,77 @@ def resolve_mixture(spec, proposal, domains):
     return {d: raw[d] / total for d in sorted(raw) if raw[d] > 0}
 
 
-def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
-    """The (domain, row) of every prompt of every step, fixed by the seed.
+def describe_mixture(weights, domains, data_dir):
+    """The line that says what a run trains on: a manifest left short by a killed prepare_data.py shows here."""
+    shares = ", ".join(f"{d} {w:.3g}" for d, w in weights.items())
+    return f"training on {len(weights)} of the {len(domains)} training domain(s) in {data_dir}: {shares}"
 
-    Each prompt picks a domain with probability w, then that domain's next unseen row (a seeded permutation).
-    interleave_under: the first pick of an exhausted domain ends training before that step (the paper).
-    with_replacement: an exhausted domain is reshuffled.
+
+def mixture_weights_of(raw, proposal, where):
+    """The {domain: weight} object of a mixture file: itself, a mixtures.json's chosen proposal (predict_mixture.py)
+    or a run's config.json's "mixture"; anything else is an error naming the file."""
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: mixture ({where}) must be a JSON object {{domain: weight}}, got "
+                         f"{type(raw).__name__} {json.dumps(raw)[:60]}")
+    if "proposals" in raw:  # predict_mixture.py output
+        proposals = [p for p in raw["proposals"] if isinstance(p, dict)] if isinstance(raw["proposals"], list) else []
+        chosen = [p for p in proposals if p.get("name") == proposal] if proposal else proposals[:1]
+        if not chosen:
+            names = [p.get("name") for p in proposals]
+            raise SystemExit(f"error: no proposal named {proposal!r} in {where}; it has {names}")
+        if not isinstance(chosen[0].get("mixture"), dict):
+            raise SystemExit(f"error: proposal {chosen[0].get('name')!r} in {where} has no \"mixture\" object "
+                             "{domain: weight}; rerun predict_mixture.py")
+        return chosen[0]["mixture"]
+    if "mixture" in raw and isinstance(raw["mixture"], dict):  # a run's config.json
+        return raw["mixture"]
+    return raw
+
+
+def interleave_under_pool(weights, sizes, seed):
+    """The finite pool of (domain, row) the official loader trains on: datasets.interleave_datasets over the
+    domains' rows in their stored order, with the mixture as probabilities, the seed, and
+    stopping_strategy="first_exhausted", so the pool ends at the pick that takes a domain's last row. Its
+    domain proportions are the mixture's, up to the draws; a small domain with a large weight makes it short."""
+    from datasets import Dataset, interleave_datasets
+    domains = sorted(weights)
+    empty = [d for d in domains if sizes[d] == 0]
+    if empty:
+        raise SystemExit(f"error: the training split of {empty} has no rows; drop it from the mixture")
+    rows = [Dataset.from_dict({"domain": [d] * sizes[d], "row": np.arange(sizes[d])}) for d in domains]
+    pool = interleave_datasets(rows, probabilities=[weights[d] for d in domains], seed=seed,
+                               stopping_strategy="first_exhausted").to_dict()  # to_dict: 10x faster than columns
+    return list(zip(pool["domain"], pool["row"]))
+
+
+def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
+    """The (domain, row) of every prompt of every step, a function of (seed, mixture, sizes) alone.
+
+    interleave_under (the paper): epochs over interleave_under_pool, each a fresh seeded permutation of the pool
+    (the trainer's random sampler), prompts_per_step at a time, until max_steps; a step may span two epochs.
+    max_steps <= 0: one pass over the pool (the official README's "if one of the dataset is exhausted, the
+    training would end"), an incomplete last step dropped.
+    with_replacement: each prompt picks a domain with probability w, then that domain's next unseen row (a seeded
+    permutation, reshuffled when used up).
     """
     rng = np.random.default_rng(seed)
+    if sampling == "interleave_under":
+        pool = interleave_under_pool(weights, sizes, seed)
+        n_prompts = max_steps * prompts_per_step if max_steps > 0 else len(pool) // prompts_per_step * prompts_per_step
+        stream = []
+        while len(stream) < n_prompts:
+            stream += [pool[i] for i in rng.permutation(len(pool))]
+        return [stream[i:i + prompts_per_step] for i in range(0, n_prompts, prompts_per_step)]
     domains = sorted(weights)
     p = np.array([weights[d] for d in domains])
     order = {d: rng.permutation(sizes[d]) for d in domains}
     position = {d: 0 for d in domains}
     schedule = []
-    while max_steps <= 0 or len(schedule) < max_steps:
+    while len(schedule) < max_steps:
         step = []
         for d in rng.choice(domains, size=prompts_per_step, p=p):
             d = str(d)
             if position[d] == sizes[d]:
-                if sampling == "interleave_under":
-                    return schedule
                 order[d], position[d] = rng.permutation(sizes[d]), 0
             step.append((d, int(order[d][position[d]])))
             position[d] += 1
@@ -344,25 +408,64 @@ def last_good_checkpoint(out_dir, log):
 
 
 def save_checkpoint(accelerator, model, tokenizer, image_processor, out_dir, step, state):
-    """Weights as a save_pretrained folder, optimizer/scheduler/RNG of every process under trainer/."""
+    """Weights as a save_pretrained folder, optimizer/scheduler/RNG of every process under trainer/. A write that
+    fails (a full disk) stops every process with a message about space; the last complete checkpoint stays."""
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".partial"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(tmp, "trainer"))  # every process writes its RNG state
+    error = None
+    try:
+        accelerator.save_state(os.path.join(tmp, "trainer"))  # every process writes its RNG state
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        error = e
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; a collective
-    if accelerator.is_main_process:
-        vlm.save_policy(accelerator.unwrap_model(model), tokenizer, image_processor, tmp, state_dict=state_dict)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        vlm.write_checksums(tmp)
-        if os.path.isdir(final):  # re-saving a step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and error is None:
+        try:
+            vlm.save_policy(accelerator.unwrap_model(model), tokenizer, image_processor, tmp, state_dict=state_dict)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+            vlm.write_checksums(tmp)
+            if os.path.isdir(final):  # re-saving a step after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except (OSError, RuntimeError) as e:
+            error = e
+    stop_if_any_failed(accelerator, error and checkpoint_write_failure(final, tmp, model, error))
     return final
+
+
+def checkpoint_write_failure(final, tmp, model, error):
+    """The message for a checkpoint write that failed, after the partial folder is removed to give the space back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(os.path.dirname(final) or ".").free
+    # weights + AdamW's two moments of the trained ones; the tokenizer and RNG states are small
+    need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters())
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"writing checkpoint {final} failed ({reason}); the disk holding it has {free / 2**20:.0f} MiB free and "
+            f"a checkpoint takes about {need / 2**20:.0f} MiB: free some space (or move out_dir) and rerun with "
+            "--resume; the last complete checkpoint is kept")
+
+
+def rng_state_problem(trainer_dir, rank):
+    """None if this process's RNG state in a checkpoint loads, else why not. accelerate's load_state only logs a
+    state it cannot load (at INFO) and goes on with the current RNG, so the resumed run silently diverges from the
+    uninterrupted one; the same load and the same setstate calls, on throwaway generators, run here first."""
+    import random
+    from accelerate.utils import load
+    path = os.path.join(trainer_dir, f"random_states_{rank}.pkl")
+    try:
+        states = load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as e:  # whatever stops accelerate from restoring it
+        return (f"the RNG state {path} cannot be loaded ({type(e).__name__}: {str(e).strip()[:200]}); resuming without "
+                "it would not replay the interrupted run: resume from an earlier checkpoint (move this one away) or "
+                "start a new out_dir")
+    return None
 
 
 def skip_model_weights_in_trainer_state(accelerator):
@@ -410,22 +513,23 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length=None):
-    """Model inputs of each distinct prompt among prompt_of (in order), and the row of each completion's prompt
-    in them: a prompt's completions share one encoding of it (and of its image)."""
+def distinct_prompts(tokenizer, image_processor, records, prompt_of, system_text, max_prompt_length=None):
+    """Model inputs of each distinct prompt among prompt_of (in order), under the system prompt's text, and the
+    row of each completion's prompt in them: a prompt's completions share one encoding of it (and of its image)."""
     order = list(dict.fromkeys(prompt_of))
     batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
-                               [records[p][1] for p in order], max_prompt_length)
+                               [records[p][1] for p in order], max_prompt_length, system_text)
     return batch, torch.tensor([order.index(p) for p in prompt_of])
 
 
-def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_of, where, max_prompt_length,
-               max_completion_length, temperature, ignore_eos):
+def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_of, where, system_text,
+               max_prompt_length, max_completion_length, temperature, ignore_eos):
     """One completion per owned slot, each distinct prompt encoded once for all its completions. A failure on
     any process stops every process (none waits in a collective for it). Returns (completions, None)."""
     error = completions = None
     try:
-        prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length)
+        prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, prompt_of, system_text,
+                                               max_prompt_length)
         with full_weights(accelerator, model) as policy:
             completions = vlm.generate(policy, tokenizer, prompts, n=prompt_row.bincount().tolist(),
                                        max_new_tokens=max_completion_length, temperature=temperature,
@@ -436,7 +540,7 @@ def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_o
     return completions, None
 
 
-def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations, system_text, max_prompt_length,
                  max_completion_length, temperature, ignore_eos, vllm_logprobs):
     """The main process asks the server for the step's prompts x G completions (n = G per prompt, in
     group_layout's order) and shares them; each process keeps the ones it owns. A server failure is shared too,
@@ -446,7 +550,7 @@ def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations
     if accelerator.is_main_process:
         try:
             out = client.generate_for(tokenizer, [r[0] for r in records], [r[1] for r in records], max_prompt_length,
-                                      n=num_generations, max_new_tokens=max_completion_length,
+                                      system_text, n=num_generations, max_new_tokens=max_completion_length,
                                       temperature=temperature, ignore_eos=ignore_eos, logprobs=vllm_logprobs)
             result[:2] = out if vllm_logprobs else (out, None)
         except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
@@ -475,11 +579,12 @@ def connect_vllm(accelerator, model, image_processor, url, timeout, retries, syn
 
 
 def micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records, prompt_of, completions,
-                       rows, temperature, num_iterations):
+                       rows, system_text, temperature, num_iterations):
     """What one micro-batch (rows: indices among this process's completions) feeds every update of the step: its
     prompts, padded completions, their advantages' rows, and the log-probs that stay fixed over the num_iterations
     updates: the reference model's (for the KL) and, when mu > 1, the pre-update policy's (for the ratio)."""
-    prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, [prompt_of[i] for i in rows])
+    prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, [prompt_of[i] for i in rows],
+                                           system_text)
     prompts = {name: v.to(accelerator.device) for name, v in prompts.items()}
     prompt_row = prompt_row.to(accelerator.device)
     ids, mask = vlm.pad_completions([completions[i] for i in rows], tokenizer.pad_token_id, accelerator.device)
@@ -565,9 +670,18 @@ def lr_lambda(warmup, total):
     return factor
 
 
-def score_completions(texts, records, gate_on_format, format_mode):
-    """rewards.score of each completion against the record it answers."""
-    return [rewards.score(text, solution, domain, meta, gate_on_format=gate_on_format, format_mode=format_mode)
+def scoring_options(config):
+    """rewards.score's keywords from the reward_* settings; ValueError names a bad one."""
+    threshold = config["reward_iou_threshold"] or None
+    rewards.check_iou_threshold(threshold)
+    return dict(reward_mode=config["reward_mode"], reward_weights=rewards.read_reward_weights(config["reward_weights"]),
+                gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"],
+                iou_threshold=threshold)
+
+
+def score_completions(texts, records, options):
+    """rewards.score of each completion against the record it answers, under scoring_options."""
+    return [rewards.score(text, solution, domain, meta, **options)
             for text, (_, _, solution, domain, meta) in zip(texts, records)]
 
 
@@ -631,42 +745,103 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+def check_out_dir(out_dir):
+    """out_dir exists (made if missing) and takes a file: a file in its place or a read-only place is a one-line
+    error at start, not after the model has loaded."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir={out_dir} is a file, not a folder: choose another --out_dir")
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir} is not writable ({e.strerror}): choose another --out_dir")
+
+
 def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
-    """The step to start from: 0, or with resume the last complete checkpoint's, whose weights, optimizer,
-    scheduler and RNG states are loaded and after which metrics and samples are cut. Writes config.json."""
-    start_step = 0
-    if resume:
-        step, folder = last_good_checkpoint(out_dir, log)
-        if folder is None:
-            raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}")
+    """The step to start from: with resume the last complete checkpoint's, whose weights, optimizer, scheduler and
+    RNG states are loaded and after which metrics and samples are cut; else 0. A run stopped before its first
+    checkpoint is started over, with or without resume. Writes config.json."""
+    step, folder = last_good_checkpoint(out_dir, log) if resume else (None, None)
+    if folder is not None:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             saved = json.load(f)
         if saved["mixture_weights"] != run_info["mixture_weights"] or \
                 saved["planned_steps"] != run_info["planned_steps"]:
             raise SystemExit(f"error: {folder} was written by a run with another mixture or schedule; "
                              "resume with the same settings or start a new out_dir")
+        changed = changed_settings(saved["config"], run_info["config"])
+        if changed:  # refused before config.json is written: it only ever records settings that ran
+            raise SystemExit(f"error: --resume with settings the run in {out_dir} did not start with: "
+                             f"{', '.join(changed)}; a resumed run keeps its schedule, optimizer, reference model and "
+                             "RNG, so they cannot apply: resume with its settings (config.json) or start a new out_dir")
         vlm.load_weights(accelerator.unwrap_model(model), folder)
+        stop_if_any_failed(accelerator, rng_state_problem(os.path.join(folder, "trainer"), accelerator.process_index))
         accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
-        start_step = step
         log(f"resumed from {folder} at step {step}")
         if accelerator.is_main_process:
-            truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step)
-            truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step)
-    elif accelerator.is_main_process and find_checkpoints(out_dir):
-        raise SystemExit(f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+            truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step, log)
+            truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step, log)
+    elif find_checkpoints(out_dir):
+        raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}" if resume else
+                         f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+    elif resume and not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        raise SystemExit(f"error: --resume but {out_dir} holds no run (no checkpoint, no metrics.jsonl)")
+    elif accelerator.is_main_process:
+        discard_unsaved_logs(out_dir, log)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         vlm.write_json_atomic(os.path.join(out_dir, "config.json"), run_info)
     accelerator.wait_for_everyone()
-    return start_step
+    return step if folder else 0
 
 
-def truncate_jsonl(path, last_step):
-    """Drop lines of steps after last_step (a resumed run rewrites them)."""
+# Settings a resumed run may change: where things are, logging, and how rollouts are served. The mixture and
+# max_steps may be spelled differently as long as the weights and the number of steps stay (checked apart).
+RESUMABLE = {"out_dir", "data_dir", "resume", "checkpoint_every", "log_samples_every", "wandb_log", "wandb_project",
+             "wandb_run_name", "rollout_engine", "vllm_url", "vllm_timeout", "vllm_retries", "vllm_sync_every",
+             "vllm_sync_dir", "vllm_logprobs", "mixture", "mixture_proposal", "max_steps"}
+
+
+def changed_settings(saved, current):
+    """'name old -> new' of each setting that differs from the checkpoint's and cannot change on a resume."""
+    return [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(saved.keys() & current.keys())
+            if key not in RESUMABLE and saved[key] != current[key]]
+
+
+def discard_unsaved_logs(out_dir, log):
+    """The logs of a run stopped before its first checkpoint hold steps no checkpoint can continue; a new run
+    starts over from step 1, so they go (appending to them would log steps 1, 2, 3, 1, 2, ...)."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    logged = sum(1 for line in open(metrics_path) if line.strip()) if os.path.isfile(metrics_path) else 0
+    for name in ("metrics.jsonl", "samples.jsonl", "metrics.png"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    if logged:
+        log(f"{out_dir} held {logged} logged step(s) of a run stopped before its first checkpoint: starting over "
+            "from step 1, its metrics.jsonl and samples.jsonl replaced")
+
+
+def truncate_jsonl(path, last_step, log=print):
+    """Drop lines of steps after last_step (a resumed run rewrites them). A last line that is not JSON, a write
+    cut by a full disk or a kill, is dropped too (and said); an unreadable line before it is an error."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise SystemExit(f"error: {path} line {number} is not JSON; delete that line and resume again")
+            log(f"{path}: dropped its last line, cut while it was written: {line.strip()[:60]!r}")
+            break
+        if step <= last_step:
+            kept.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -709,6 +884,7 @@ def main(argv):
     from accelerate.utils import gather_object, set_seed
     config = parse_config(argv)
     globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
+    scoring, system_text = scoring_options(config), vlm.system_prompt_text(system_prompt)
     cuda = torch.cuda.is_available()
     # bf16 autocast over fp32 master weights on GPU: a bf16 weight cannot absorb a 1e-6 update.
     # step_scheduler_with_optimizer=False: our schedule counts optimizer updates, not per-process batches.
@@ -716,16 +892,19 @@ def main(argv):
                               step_scheduler_with_optimizer=False)
     rank, world, log = accelerator.process_index, accelerator.num_processes, accelerator.print
     master = accelerator.is_main_process
+    check_out_dir(out_dir)  # before anything slow loads
 
     # data: the mixture, and the (domain, row) of every prompt of every step, fixed by the seed
     manifest = vlm.load_manifest(data_dir)
     weights = resolve_mixture(mixture, mixture_proposal, training_domains(manifest))
+    log(describe_mixture(weights, training_domains(manifest), data_dir))
     datasets = {d: load_train_split(data_dir, manifest, d) for d in weights}
     schedule = build_schedule(weights, {d: len(ds) for d, ds in datasets.items()}, prompts_per_step, max_steps,
                               sampling, seed)
     total_steps = len(schedule)
     if total_steps == 0:
-        raise SystemExit("error: the mixture exhausts a domain before the first step")
+        raise SystemExit("error: with max_steps=0, one pass over the interleave_under pool is shorter than one step "
+                         "of prompts_per_step prompts; set max_steps > 0")
     owned, prompt_of = group_layout(prompts_per_step, num_generations, rank, world, micro_batch_size)
 
     # model, frozen reference (beta > 0), AdamW with linear warm-up then linear decay over the updates
@@ -763,18 +942,18 @@ def main(argv):
         with timed(timings, "generate"):
             if rollout_engine == "vllm":
                 completions, server_logprobs = rollout_vllm(
-                    accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+                    accelerator, client, tokenizer, records, owned, num_generations, system_text, max_prompt_length,
                     max_completion_length, temperature, ignore_eos, vllm_logprobs)
             else:
                 completions, server_logprobs = rollout_hf(
                     accelerator, model, tokenizer, image_processor, records, prompt_of,
-                    f"step {step + 1}, records {ids}", max_prompt_length, max_completion_length, temperature,
-                    ignore_eos)
+                    f"step {step + 1}, records {ids}", system_text, max_prompt_length, max_completion_length,
+                    temperature, ignore_eos)
 
         # 2. rewards here; advantages over whole groups, gathered from every process
         with timed(timings, "reward"):
             texts = [vlm.decode(tokenizer, c) for c in completions]
-            scores = score_completions(texts, my_records, reward_gate_on_format, reward_format_mode)
+            scores = score_completions(texts, my_records, scoring)
             check_finite_rewards(accelerator, scores, [ids[p] for p in prompt_of], step)
             totals = accelerator.gather(torch.tensor([s["total"] for s in scores], device=accelerator.device)).cpu()
             advantages = group_advantages(totals.view(-1, num_generations), scale_rewards).view(-1)
@@ -785,7 +964,8 @@ def main(argv):
         size = micro_batch_size or len(owned)
         with timed(timings, "ref_old"):
             batches = [micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records,
-                                          prompt_of, completions, range(i, i + size), temperature, num_iterations)
+                                          prompt_of, completions, range(i, i + size), system_text, temperature,
+                                          num_iterations)
                        for i in range(0, len(owned), size)]
 
         # 4. num_iterations optimizer updates over the same rollouts, gradients accumulated over the micro-batches

@@ -1,8 +1,9 @@
 """
 The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT's model.py is shared).
 
-- load_policy(name): a Qwen2-VL / Qwen2.5-VL by hub name or local folder, or "tiny": a 0.8M-parameter Qwen2-VL
-  built offline from a config with a locally trained byte-level BPE tokenizer (tests and the CPU default).
+- load_policy(name): a Qwen2-VL / Qwen2.5-VL / Qwen3-VL by hub name or local folder, or a tiny one built offline
+  from a config with a locally trained byte-level BPE tokenizer: "tiny" (a 0.8M-parameter Qwen2-VL, tests and the
+  CPU default), "tiny-qwen2.5-vl", "tiny-qwen3-vl".
 - save_policy / write_checksums / checkpoint_problem: save_pretrained folders that plain transformers (and vLLM)
   loads, and the test that tells a complete one from an interrupted or corrupted one.
 - load_manifest: prepare_data.py's index of the datasets; open_split: one of its splits, checked against it.
@@ -133,47 +134,76 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_image_processor():
+# The tiny models, one per family: "tiny" is the Qwen2-VL (the CPU default); each is built offline from a config
+# with the same 2-layer text model and 2-block vision tower, so a family's own code paths (Qwen2.5-VL's windowed
+# vision attention, Qwen3-VL's 16 px patches, learned vision positions, DeepStack features and interleaved M-RoPE)
+# run in seconds.
+TINY_FAMILIES = {"tiny": "qwen2_vl", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl",
+                 "tiny-qwen3-vl": "qwen3_vl"}
+
+
+def build_tiny_image_processor(family="qwen2_vl"):
     from transformers import Qwen2VLImageProcessorPil
+    if family == "qwen3_vl":  # Qwen3-VL's preprocessor_config: 16 px patches, mean and std 0.5
+        # 32*32 .. 128*128 pixels: a 56 px image is resized to 64 px and becomes 4 image tokens, 112 px 16.
+        return Qwen2VLImageProcessorPil(patch_size=16, min_pixels=32 * 32, max_pixels=128 * 128,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
     # 28*28 .. 112*112 pixels: a 56 px image becomes 4 image tokens, a 112 px image 16.
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112)
 
 
-def build_tiny_model(tokenizer, seed=0):
-    """A randomly initialised 2-layer Qwen2-VL (0.8M parameters): same architecture and code paths as the 2B."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def tiny_config(family, tokenizer):
+    """The config of a tiny model of the family: text hidden 128, 2 layers, 4 heads (head_dim 32, so
+    mrope_section sums to 16), tied embeddings; vision tower of 2 blocks, merging 2x2 patches."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     ids = tokenizer.convert_tokens_to_ids
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            # mrope_section must sum to head_dim / 2 = 128 / 4 / 2 = 16
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    text = dict(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=128, intermediate_size=512,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                tie_word_embeddings=True)
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                  tie_word_embeddings=True)
+    vision = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, embed_dim=64, hidden_size=128, mlp_ratio=2, patch_size=14))
+    if family == "qwen2_5_vl":  # window attention in block 0 (56 px windows), full attention in block 1
+        return Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, hidden_size=64, intermediate_size=128, out_hidden_size=128, patch_size=14, window_size=56,
+            fullatt_block_indexes=[1]))
+    if family == "qwen3_vl":  # interleaved M-RoPE; block 0's features also enter the first text layer (DeepStack)
+        text["head_dim"] = 32
+        text["rope_parameters"] = dict(text["rope_parameters"], rope_theta=5e6, mrope_interleaved=True)
+        return Qwen3VLConfig(text_config=text, **tokens, vision_config=dict(
+            vision, hidden_size=64, intermediate_size=128, out_hidden_size=128, patch_size=16,
+            num_position_embeddings=64, deepstack_visual_indexes=[0]))
+    raise ValueError(f"no tiny model of family {family!r}; families: {sorted(set(TINY_FAMILIES.values()))}")
+
+
+def build_tiny_model(tokenizer, seed=0, family="qwen2_vl"):
+    """A randomly initialised 2-layer model of the family (0.8-1M parameters): same architecture and code paths as
+    the real ones."""
+    from transformers import AutoModelForImageTextToText
+    ids = tokenizer.convert_tokens_to_ids
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, tokenizer))
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     return model
 
 
 def load_policy(name_or_path, dtype=torch.float32, seed=0, max_pixels=0):
-    """(model, tokenizer, image_processor) for "tiny", a local save_pretrained folder, or a hub name.
-    seed: the tiny model's initial weights. max_pixels: the image processor's pixel budget per image (0: the
-    model's own); training and evaluation set it alike, so a model sees images as large as it was trained on."""
-    if name_or_path == "tiny":
+    """(model, tokenizer, image_processor) for a tiny model ("tiny", "tiny-qwen2.5-vl", "tiny-qwen3-vl"), a local
+    save_pretrained folder, or a hub name. seed: the tiny model's initial weights. max_pixels: the image
+    processor's pixel budget per image (0: the model's own); training and evaluation set it alike, so a model sees
+    images as large as it was trained on."""
+    if name_or_path in TINY_FAMILIES:
+        family = TINY_FAMILIES[name_or_path]
         tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, seed=seed).to(dtype)
-        image_processor = build_tiny_image_processor()
+        model = build_tiny_model(tokenizer, seed=seed, family=family).to(dtype)
+        image_processor = build_tiny_image_processor(family)
     else:
         from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
@@ -198,20 +228,27 @@ def _read_processor_chat_template(name_or_path):
     return None
 
 
+# model_type -> (processor class, video processor class), as the family's hub folders name them
+PROCESSOR_CLASSES = {"qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+                     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+                     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor")}
+
+
 def save_policy(model, tokenizer, image_processor, out_dir, state_dict=None):
     """A folder that AutoModelForImageTextToText / AutoTokenizer / vLLM load. Not atomic: callers write to a
     temporary folder and rename it. state_dict: weights gathered from ZeRO-3 / FSDP shards, if any."""
     model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
-    # vLLM and AutoProcessor build a full Qwen2VLProcessor, whose video half needs its own config file; the
+    # vLLM and AutoProcessor build the family's full processor, whose video half needs its own config file; the
     # values mirror the image processor's (we never feed videos).
+    processor, video_processor = PROCESSOR_CLASSES[model.config.model_type]
     video = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type",)}
-    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    video["video_processor_type"] = video_processor
     with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
         json.dump(video, f, indent=2)
     with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
-        json.dump({"processor_class": "Qwen2VLProcessor"}, f, indent=2)
+        json.dump({"processor_class": processor}, f, indent=2)
 
 
 def load_weights(model, folder):
@@ -341,15 +378,42 @@ def open_split(data_dir, manifest, domain, split):
     return load_from_disk(folder)
 
 
-def prompt_text(tokenizer, problem, n_images=1):
+# System prompts by name (train_grpo.py's system_prompt, evaluate.py's --system_prompt). "default": none of ours,
+# so the chat template's own applies (Qwen2-VL's "You are a helpful assistant."); "r1": the R1 prompt the official
+# README gives each dataset's converter (R1-V's and open-r1's), for runs that match the official code's.
+SYSTEM_PROMPTS = {
+    "default": None,
+    "r1": ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+           "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+           "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+           "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"),
+}
+
+
+def system_prompt_text(name):
+    """The text of a named system prompt (None for "default"); ValueError names the known ones."""
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"system_prompt {name!r} is not one of {', '.join(SYSTEM_PROMPTS)}")
+    return SYSTEM_PROMPTS[name]
+
+
+def chat_messages(content, system_prompt=None):
+    """The chat of one prompt: the system prompt (when there is one) and the user's content. HF rollouts, the
+    cold start and the vLLM server all build prompts from this, so they see the same tokens."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": content}]
+
+
+def prompt_text(tokenizer, problem, n_images=1, system_prompt=None):
     """The chat-formatted prompt with one <|image_pad|> per image, ready for expansion."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": problem}]
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(chat_messages(content, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length=None):
-    """Left-padded model inputs for a batch of (problem, image) pairs, image optional (None).
+def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length=None, system_prompt=None):
+    """Left-padded model inputs for a batch of (problem, image) pairs, image optional (None), under a system
+    prompt's text (None: the chat template's default).
 
     Each <|image_pad|> is expanded to grid_t * grid_h * grid_w / merge_size**2 tokens, what Qwen2VLProcessor does.
     Returns input_ids, attention_mask, mm_token_type_ids (1 on image tokens: M-RoPE needs it) and, when there
@@ -362,7 +426,7 @@ def encode_prompts(tokenizer, image_processor, problems, images, max_prompt_leng
     image_pad = "<|image_pad|>"
     texts, k = [], 0
     for problem, img in zip(problems, images):
-        text = prompt_text(tokenizer, problem, n_images=0 if img is None else 1)
+        text = prompt_text(tokenizer, problem, n_images=0 if img is None else 1, system_prompt=system_prompt)
         if img is not None:
             text = text.replace(image_pad, image_pad * int(grid[k].prod() // merge), 1)
             k += 1
@@ -672,7 +736,7 @@ class VLLMClient:
         return model
 
     def _chat_body(self, problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
-                   suppress_token_ids):
+                   suppress_token_ids, system_prompt):
         content = [] if image is None else [
             {"type": "image_url", "image_url": {"url": image_data_uri(server_image(image, self.image_processor))}}]
         content.append({"type": "text", "text": problem})
@@ -680,7 +744,7 @@ class VLLMClient:
         # top_k, top_p or repetition_penalty) never apply: the samples come from the plain softmax the trainer
         # scores them with.
         return {
-            "messages": [{"role": "user", "content": content}],
+            "messages": chat_messages(content, system_prompt),
             "n": 1 if greedy else n, "max_tokens": max_new_tokens,
             "temperature": 0.0 if greedy else temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
@@ -689,7 +753,7 @@ class VLLMClient:
         }
 
     def generate(self, problems, images, n=1, max_new_tokens=64, temperature=1.0, greedy=False, prompt_ids=None,
-                 suppress_token_ids=(), ignore_eos=False, logprobs=False):
+                 suppress_token_ids=(), ignore_eos=False, logprobs=False, system_prompt=None):
         """n completions for each (problem, image) pair (image may be None), as vlm.generate returns them: a
         list of prompts * n completion token-id lists, grouped by prompt, each ending with the EOS token
         (<|im_end|>) when it stopped. One request per prompt, all in flight at once so the server batches them.
@@ -700,10 +764,10 @@ class VLLMClient:
         completion makes HF's Qwen2-VL count one image position too many when the trainer scores it.
         ignore_eos: generate max_new_tokens tokens whatever comes (benchmarks). logprobs: also return the
         server's log-probability of each sampled token (of the raw model, before temperature), as a
-        (token ids, logprobs) pair.
+        (token ids, logprobs) pair. system_prompt: its text (None: the chat template's default), as encode_prompts.
         """
         bodies = [self._chat_body(problem, image, n, max_new_tokens, temperature, greedy, ignore_eos, logprobs,
-                                  suppress_token_ids)
+                                  suppress_token_ids, system_prompt)
                   for problem, image in zip(problems, images, strict=True)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(bodies)))) as pool:
             answers = list(pool.map(lambda body: self._call("POST", "/v1/chat/completions", body), bodies))
@@ -719,14 +783,15 @@ class VLLMClient:
                 completion_logprobs += [[t["logprob"] for t in choice["logprobs"]["content"]] for choice in choices]
         return (completions, completion_logprobs) if logprobs else completions
 
-    def generate_for(self, tokenizer, problems, images, max_prompt_length=None, **options):
+    def generate_for(self, tokenizer, problems, images, max_prompt_length=None, system_prompt=None, **options):
         """generate() as the trainer and the evaluator call it: the prompts are encoded with the trainer's own
-        tokenizer and image processor (a prompt over max_prompt_length is an error), so a server that tokenizes
-        one differently is an error, and the vision tokens are never sampled. options: generate()'s."""
-        batch = encode_prompts(tokenizer, self.image_processor, problems, images, max_prompt_length)
+        tokenizer and image processor (a prompt over max_prompt_length is an error), under the same system prompt,
+        so a server that tokenizes one differently is an error, and the vision tokens are never sampled.
+        options: generate()'s."""
+        batch = encode_prompts(tokenizer, self.image_processor, problems, images, max_prompt_length, system_prompt)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         return self.generate(problems, images, prompt_ids=prompt_ids, suppress_token_ids=vision_token_ids(tokenizer),
-                             **options)
+                             system_prompt=system_prompt, **options)
 
     def reload_weights(self, weights_dir):
         """Points the server at weights_dir/model.safetensors (write_weights) and returns once it serves them.

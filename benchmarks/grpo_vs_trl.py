@@ -110,7 +110,8 @@ def grpo_settings(args):
     import train_grpo
     defaults = train_grpo.parse_config([])
     keep = ["temperature", "epsilon_low", "epsilon_high", "scale_rewards", "loss_type", "learning_rate",
-            "weight_decay", "warmup_ratio", "grad_clip", "seed", "reward_gate_on_format", "reward_format_mode"]
+            "weight_decay", "warmup_ratio", "grad_clip", "seed", "reward_mode", "reward_weights",
+            "reward_gate_on_format", "reward_format_mode", "reward_iou_threshold"]
     settings = {k: defaults[k] for k in keep}
     settings.update(prompts_per_step=args.prompts, num_generations=args.G, max_completion_length=args.length,
                     beta=args.beta, num_iterations=1, micro_batch_size=args.prompts * args.G, ignore_eos=True,
@@ -252,7 +253,7 @@ def trl_worker(spec_path):
         lengths.append([len(ids) for ids in completion_ids])
         records = [(None, None, s, d, json.loads(m)) for s, d, m in zip(solution, domain, meta)]
         scores = train_grpo.score_completions([c[0]["content"] for c in completions], records,
-                                              settings["reward_gate_on_format"], settings["reward_format_mode"])
+                                              train_grpo.scoring_options(settings))
         return [s["total"] for s in scores]
 
     class StepClock(TrainerCallback):

@@ -33,7 +33,7 @@ def problem_schema(rows):
 
 def coco():
     return problem_schema([
-        # 0: two boxes on Qwen2-VL's 0-1000 grid of a 200x100 image -> pixels [20, 0, 190, 41], [0, 50, 100, 100]
+        # 0: two boxes on Qwen2-VL's 0-1000 grid of a 200x100 image
         dict(image=image(200, 100), problem=COCO_PROBLEM, solution="<answer>[{'Position': [100, 0, 950, 411], "
              "'Confidence': 1}, {'Position': [0, 500, 500, 1000], 'Confidence': 0.9}]</answer>"),
         dict(image=image(200, 100), problem=COCO_PROBLEM, solution=None),  # 1: missing field
@@ -47,14 +47,20 @@ def coco():
 
 
 def lisa_train():
+    """yiqingliang/lisa-problems-dataset: boxes on the 0-1000 grid of the image ("normalized to range from 0 to 1000,
+    adaptive to image height and width", the official README), in Visual-RFT's Position list or plain."""
     return problem_schema([
-        # 0: a 1280x320 JPEG photo -> shrunk to 640x160, box [100, 40, 300, 200] -> [50, 20, 150, 100]
+        # 0: a 1280x320 JPEG photo -> shrunk to 640x160, its grid box unchanged
         dict(image=image(1280, 320, "white", "JPEG"), problem=LISA_PROBLEM,
              solution="<answer>[{'Position': [100, 40, 300, 200], 'Confidence': 1}]</answer>"),
-        dict(image=image(600, 300), problem=LISA_PROBLEM, solution="<answer>[0, 0, 700, 100]</answer>"),  # 1: outside
+        dict(image=image(600, 300), problem=LISA_PROBLEM, solution="<answer>[0, 0, 1200, 100]</answer>"),  # 1: outside
         dict(image=image(600, 300), problem=LISA_PROBLEM,
              solution="<answer>[[0, 0, 10, 10], [20, 20, 30, 30]]</answer>"),  # 2: two boxes for one referent
         dict(image=image(600, 300), problem=None, solution="<answer>[0, 0, 10, 10]</answer>"),  # 3: missing field
+        # 4: an image smaller than 1000 px whose grid box reaches past its pixel size (read as pixels, it would lie
+        # outside the 400x300 image)
+        dict(image=image(400, 300), problem=LISA_PROBLEM,
+             solution="<answer>[{'Position': [250, 100, 900, 950], 'Confidence': 1}]</answer>"),
     ])
 
 

@@ -3,6 +3,7 @@ end-to-end evaluations of the tiny Qwen2-VL (one process and two under torchrun)
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,54 @@ def test_mmmu_open():
     assert evaluate.score_mmmu("(D)", "<answer>D</answer>", mc) == ("D", 1.0)
 
 
+@pytest.mark.parametrize("prediction, references, ours, lmms_eval", [
+    ("hello", ["hello"], 1.0, 1.0),
+    ("ab", ["abcd"], 0.0, 0.5),                      # NL = 2/4 = 0.5: lmms-eval keeps it (>= 0.5)
+    ("hellp", ["hello  "], 0.8, 1 - 1 / 7),          # 1 edit over the raw length 7 of "hello  "
+    ("Hello  World ", ["hello world"], 1.0, 1.0),    # no edit: the length does not matter
+    ("abcd", ["wxyz", "abce"], 0.75, 0.75),          # the best reference counts
+    ("", [""], 1.0, 1.0),
+    ("", ["a"], 0.0, 0.0),
+    ("a long answer that goes on and on", ["x"], 0.0, 0.0),
+])
+def test_anls_ours_and_lmms_eval(prediction, references, ours, lmms_eval):
+    assert evaluate.anls(prediction, references) == pytest.approx(ours)
+    assert evaluate.anls_lmms_eval(prediction, references) == pytest.approx(lmms_eval)
+
+
+@pytest.mark.parametrize("answer, ours, lmms_eval", [
+    ("NASA", None, "A"),                               # lmms-eval's "A " substring test finds the end of NASA
+    ("The answer is A.", "A", "A"),
+    ("(B) or (D)", "D", "D"),                          # several in brackets: the last
+    ("B. red", "B", "B"),
+    ("I think that the colour of it is blue", "C", "C"),
+    ("green", "B", None),                              # an option's text alone: ours only (lmms-eval guesses)
+    ("it is blue", None, None),                        # no letter, <= 5 words: lmms-eval guesses
+])
+def test_mmmu_choice_ours_and_lmms_eval(answer, ours, lmms_eval):
+    assert evaluate.mmmu_choice(answer, OPTIONS) == ours
+    guess = random.Random(0).choice(list(OPTIONS))  # "D"
+    assert evaluate.mmmu_choice_lmms_eval(answer, OPTIONS, random.Random(0)) == (lmms_eval or guess)
+
+
+def test_mmmu_lmms_eval_guess_is_seeded_per_record_and_open_answers_split_only_at_line_breaks():
+    mc = {"question_type": "multiple-choice", "options": OPTIONS}
+    guesses = {evaluate.score_mmmu_lmms_eval("no idea", "<answer>A</answer>", {**mc, "source": {"row": row}})[0]
+               for row in range(40)}
+    assert guesses == set(OPTIONS)  # a guess per record, not one letter for all
+    again = evaluate.score_mmmu_lmms_eval("no idea", "<answer>A</answer>", {**mc, "source": {"row": 7}})
+    assert again == evaluate.score_mmmu_lmms_eval("no idea", "<answer>A</answer>", {**mc, "source": {"row": 7}})
+    # lmms-eval lower-cases before splitting sentences, so "It is 5. The rest is 7" stays one sentence whose
+    # shortest tail after "is " is "7"; ours splits it and keeps "5" too
+    assert 5.0 in evaluate.mmmu_open_candidates("It is 5. The rest is 7")
+    assert evaluate.mmmu_open_candidates_lmms_eval("It is 5. The rest is 7") == [7.0]
+    # three number patterns: "1,000" is read with its comma, and "000" after it as a plain number
+    assert set(evaluate.mmmu_open_candidates_lmms_eval("so 1,000")) == {0.0, 1000.0}
+    assert evaluate.metric_of("infovqa", {"reward": "anls"}, False, lmms_eval=True) == "anls_lmms_eval"
+    assert evaluate.metric_of("mmmu", {"reward": "mmmu_accuracy"}, False, lmms_eval=True) == "mmmu_accuracy_lmms_eval"
+    assert evaluate.metric_of("chartqa", {"reward": "relaxed_accuracy"}, False, lmms_eval=True) == "relaxed_accuracy"
+
+
 def test_exact_match_and_benchmark_scores():
     assert evaluate.score_exact_match(" Paris ", "<answer>paris</answer>", {}) == (" Paris ", 1.0)
     assert evaluate.score_exact_match("Paris.", "<answer>paris</answer>", {})[1] == 0.0
@@ -160,6 +209,22 @@ def test_rewards_domains_score_the_answer_not_the_format():
     assert evaluate.score_answer("choice", "B", "<answer>B</answer>", "sat", {}) == ("B", 1.0)
     assert evaluate.score_answer("math", "3", "<answer>4</answer>", "syn_count", {}) == ("3", 0.0)
     assert evaluate.accuracy_reward("lisa") == "iou"
+
+
+def test_official_reward_mode_scores_the_whole_completion_as_the_official_code():
+    assert evaluate.metric_of("sat", {"reward": "sat"}, False) == "choice"
+    assert evaluate.metric_of("sat", {"reward": "sat"}, False, "official") == "choice_official"
+    assert evaluate.metric_of("chartqa", {"reward": "relaxed_accuracy"}, False, "official") == "relaxed_accuracy"
+
+    def both(completion, solution, domain, metric):
+        return [evaluate.score_answer(m, evaluate.text_to_score(m, completion), solution, domain, {})
+                for m in (metric, metric + "_official")]
+    # the official letter reader takes the article of "A cat" for the option A
+    assert both("<think>\nx\n</think>\n<answer>\nA cat\n</answer>", "<answer>A</answer>", "sat", "choice") == \
+        [("A cat", 0.0), ("<think>\nx\n</think>\n<answer>\nA cat\n</answer>", 1.0)]
+    # a plain box is no answer to the official detection reward (it needs Position/Confidence objects)
+    assert both("<think>\nx\n</think><answer>[20, 20, 60, 52]</answer>", "[20, 20, 60, 60]", "lisa", "iou") == \
+        [("[20, 20, 60, 52]", pytest.approx(0.8)), ("[20, 20, 60, 52]", 0.0)]
 
 
 def test_weighted_score_is_size_weighted():
@@ -263,7 +328,7 @@ def write_test_sets(data_dir):
         json.dump(manifest, f)
 
 
-def write_checkpoint(run_dir, step, seed, mixture):
+def write_checkpoint(run_dir, step, seed, mixture, system_prompt="default"):
     """A tiny Qwen2-VL checkpoint as train_grpo.py saves one. Its weights are drawn with std 0.1: with the default
     0.02 the untrained model repeats the last prompt token for every item, and the tests need completions that
     differ between items."""
@@ -275,7 +340,7 @@ def write_checkpoint(run_dir, step, seed, mixture):
             if parameter.dim() > 1:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     vlm.save_policy(model, tokenizer, image_processor, folder)
-    config = {"max_completion_length": 8, "max_pixels": 0}
+    config = {"max_completion_length": 8, "max_pixels": 0, "system_prompt": system_prompt}
     with open(os.path.join(folder, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "mixture_weights": mixture, "planned_steps": 20, "config": config}, f)
     vlm.write_checksums(folder)
@@ -295,7 +360,7 @@ def workspace(tmp_path_factory):
         json.dump({"config": {}, "mixture_weights": MIXTURE, "planned_steps": 20, "processes": 1,
                    "start_from": "tiny"}, f)
     write_checkpoint(run_dir, 10, seed=0, mixture=MIXTURE)
-    write_checkpoint(run_dir, 20, seed=1, mixture=MIXTURE)
+    write_checkpoint(run_dir, 20, seed=1, mixture=MIXTURE, system_prompt="r1")
     return root, data_dir, run_dir
 
 
@@ -334,7 +399,8 @@ def test_evaluate_run_end_to_end(workspace, capsys):
         assert {n: (b["metric"], b["role"]) for n, b in results["benchmarks"].items()} == {
             "syn_count/test": ("math", "in"), "syn_ground/test": ("iou", "in"),
             "chartqa/test": ("relaxed_accuracy", "out"), "mmmu/val": ("mmmu_accuracy", "out")}
-        assert results["settings"]["generation"]["max_new_tokens"] == 8  # the checkpoint's own setting
+        assert results["settings"]["generation"]["max_new_tokens"] == 8  # the checkpoint's own settings
+        assert results["settings"]["generation"]["system_prompt"] == {10: "default", 20: "r1"}[step]
         check_results(results, read_jsonl(os.path.join(folder, "predictions.jsonl")))
         steps[step] = results
     stepavg = json.load(open(os.path.join(run_dir, "eval", "stepavg", "results.json")))

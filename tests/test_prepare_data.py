@@ -52,14 +52,14 @@ def gold_completion(answer, rationale="reasoning"):
 # ---------------------------------------------------------------------------------------------------------------
 # Paper training sets
 
-def test_coco_boxes_move_from_the_0_1000_grid_to_pixels_and_bad_rows_are_skipped(tmp_path):
+def test_coco_boxes_stay_on_the_0_1000_grid_and_bad_rows_are_skipped(tmp_path):
     build(tmp_path / "data", "coco", F.save(F.coco(), tmp_path / "raw", split="train"))
     ds = load(tmp_path / "data", "coco", "train")
     assert len(ds) == 2
     first, no_object = ds[0], ds[1]
     meta = json.loads(first["meta"])
-    # [100, 0, 950, 411] and [0, 500, 500, 1000] on the grid of a 200x100 image
-    assert first["solution"] == "<answer>[[20, 0, 190, 41.1], [0, 50, 100, 100]]</answer>"
+    # the grid boxes as the dataset gives them, though 950 and 1000 exceed the 200x100 image's pixel size
+    assert first["solution"] == "<answer>[[100, 0, 950, 411], [0, 500, 500, 1000]]</answer>"
     assert meta["box_convention"] == "qwen1000" and meta["image_size"] == [200, 100]
     assert meta["source"] == {"dataset": str(tmp_path / "raw"), "split": "train", "row": 0}
     assert first["id"] == "coco-train-0" and first["domain"] == "coco"
@@ -80,27 +80,44 @@ def test_coco_boxes_move_from_the_0_1000_grid_to_pixels_and_bad_rows_are_skipped
     assert manifest(tmp_path / "data")["datasets"]["coco"]["splits"]["train"]["n_skipped"] == 4
 
 
-def test_lisa_shrinks_long_images_to_640_and_moves_the_box_with_them(tmp_path):
+def test_lisa_boxes_are_read_on_the_0_1000_grid_and_long_images_shrink_to_640(tmp_path):
     data = tmp_path / "data"
     build(data, "lisa", F.save(F.lisa_train(), tmp_path / "raw_train"), "train")
     # the -test repository's only split is named "train": it is read whatever its name
     build(data, "lisa", F.save(F.lisa_test(), tmp_path / "raw_test", split="train"), "test")
     ds = load(data, "lisa", "train")
-    assert len(ds) == 1
+    assert len(ds) == 2
     meta = json.loads(ds[0]["meta"])
     assert meta["image_size"] == [640, 160] and ds[0]["image"].size == (640, 160)
-    assert ds[0]["solution"] == "<answer>[50, 20, 150, 100]</answer>" and meta["box_convention"] == "pixel"
+    # a grid box stays valid when its image shrinks
+    assert ds[0]["solution"] == "<answer>[100, 40, 300, 200]</answer>" and meta["box_convention"] == "qwen1000"
     assert ds[0]["problem"] == F.LISA_PROBLEM
     stored = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]["bytes"]
     assert stored[:2] == b"\xff\xd8"  # a shrunk photo stays a JPEG
     assert skipped(data, "lisa", "train") == [
-        (1, "box outside the image: [0.0, 0.0, 700.0, 100.0] is outside the 600x300 image"),
+        (1, "box outside the image: [0.0, 0.0, 1200.0, 100.0] is outside the 0-1000 grid"),
         (2, "2 boxes for a one-box grounding question"),
         (3, "missing field 'problem'")]
     test = load(data, "lisa", "test")
     assert test[0]["solution"] == "<answer>[10, 20, 110, 120]</answer>"
     assert rewards.score(gold_completion("[10, 20, 110, 120]"), test[0]["solution"], "lisa",
                          json.loads(test[0]["meta"]))["total"] == pytest.approx(3.0)
+
+
+def test_lisa_grid_box_of_an_image_smaller_than_1000_px_is_kept_and_scored_as_qwen2vl_answers(tmp_path):
+    data = tmp_path / "data"
+    build(data, "lisa", F.save(F.lisa_train(), tmp_path / "raw"), "train")
+    small = load(data, "lisa", "train")[1]
+    meta = json.loads(small["meta"])
+    assert meta["source"]["row"] == 4 and meta["image_size"] == [400, 300] and small["image"].size == (400, 300)
+    assert small["solution"] == "<answer>[250, 100, 900, 950]</answer>" and meta["box_convention"] == "qwen1000"
+    # Qwen2-VL answers on the same grid: the dataset's own box is a perfect answer ...
+    grid = rewards.score(gold_completion("[250, 100, 900, 950]"), small["solution"], "lisa", meta)
+    assert grid["iou"] == 1.0 and grid["total"] == 3.0
+    # ... and the same box in pixels of the 400x300 image, [100, 30, 360, 285], is read on the grid: overlap
+    # 110 x 185 over a union of 260 x 255 + 650 x 850 - 110 x 185
+    pixels = rewards.score(gold_completion("[100, 30, 360, 285]"), small["solution"], "lisa", meta)
+    assert pixels["iou"] == pytest.approx(110 * 185 / (260 * 255 + 650 * 850 - 110 * 185))
 
 
 def test_sat_answers_become_option_letters(tmp_path):
@@ -241,7 +258,7 @@ def test_manifest_merges_invocations_and_names_the_evaluation_sets(tmp_path):
     assert lisa["source"] == f"{tmp_path / 'raw_test'} split train; {tmp_path / 'raw_train'} split train"
     assert (m["datasets"]["chartqa"]["role"], m["datasets"]["chartqa"]["reward"]) == ("benchmark", "relaxed_accuracy")
     entry = lisa["splits"]["train"]
-    assert (entry["path"], entry["rows"], entry["n_skipped"]) == ("lisa/train", 1, 3)
+    assert (entry["path"], entry["rows"], entry["n_skipped"]) == ("lisa/train", 2, 3)
     assert entry["fingerprint"] == P.fingerprint(load(data, "lisa", "train"))
 
 
@@ -376,7 +393,7 @@ def test_help_documents_every_source_and_option(capsys):
                  "yiqingliang/sat-problems-dataset", "yiqingliang/scienceqa-problems-dataset-test",
                  "lmms-lab/ChartQA", "lmms-lab/DocVQA [InfographicVQA] (validation)", "AI4Math/MathVista",
                  "lmms-lab/MMMU", "--source", "--strict", "--seed", "--contact_sheet", "--split", "--force",
-                 "lmms-lab-encoder/", "longer than 640 px"]:
+                 "lmms-lab-encoder/", "longer than 640 px", "0-1000 grid of the image"]:
         assert name in text
 
 

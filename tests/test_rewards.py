@@ -174,7 +174,9 @@ BOX = "<answer>[10, 10, 50, 50]</answer>"
     ("[{'Position': [0, 0, 5, 5], 'Confidence': 0.2},\n {'Position': [10, 10, 50, 50], 'Confidence': 0.9}]",
      "[{'Position': [10, 10, 50, 50], 'Confidence': 1}]", None, 1.0),  # the most confident box
     ('[{"bbox_2d": [10, 10, 50, 50], "label": "dog"}]', BOX, None, 1.0),  # Qwen2.5-VL's own JSON
-    ("[50, 100, 250, 500]", BOX, {"box_convention": "qwen1000", "image_size": [200, 100]}, 1.0),  # 0-1000 grid
+    # the 0-1000 grid (LISA): answer and solution on it; the grid box of 1000 past a 200x100 image is in range
+    ("[50, 100, 250, 500]", "[50, 100, 250, 500]", {"box_convention": "qwen1000", "image_size": [200, 100]}, 1.0),
+    ("[0, 0, 500, 1000]", "[0, 0, 1000, 1000]", {"box_convention": "qwen1000", "image_size": [200, 100]}, 0.5),
 ])
 def test_iou_reward(answer, solution, meta, expected):
     assert iou_reward(formatted(answer), solution, meta) == pytest.approx(expected)
@@ -223,10 +225,10 @@ def test_detection_reward(answer, solution, expected):
     assert detection_reward(formatted(answer), solution) == pytest.approx(expected)
 
 
-def test_detection_converts_the_qwen_grid():
+def test_detection_compares_on_the_qwen_grid():
     meta = {"box_convention": "qwen1000", "image_size": [200, 100]}
-    assert detection_reward(formatted("[[50, 100, 250, 500]]"), "[[10, 10, 50, 50]]", meta) == 1.0
-    assert detection_reward(formatted("[[10, 10, 50, 50]]"), "[[10, 10, 50, 50]]", meta) == 0.0
+    assert detection_reward(formatted("[[50, 100, 250, 500]]"), "[[50, 100, 250, 500]]", meta) == 1.0
+    assert detection_reward(formatted("[[10, 20, 50, 100]]"), "[[50, 100, 250, 500]]", meta) == 0.0
 
 
 def test_detection_of_thousands_of_boxes_is_fast_and_exact():
@@ -276,7 +278,7 @@ def test_vectorised_detection_matching_equals_the_definition_bit_for_bit():
         answer = "[" + ", ".join(f"{{'Position': [{', '.join(b)}], 'Confidence': {c!r}}}"
                                  for b, c in written.items()) + "]"
         predicted = list({tuple(map(float, b)): c for b, c in reversed(written.items())}.items())[::-1]
-        assert rewards._detection_score(answer, truth, {}) == greedy_detection_by_definition(predicted, truth)
+        assert rewards._detection_score(answer, truth) == greedy_detection_by_definition(predicted, truth)
 
 
 def test_iou_is_symmetric_and_guards_degenerate_boxes():
@@ -348,7 +350,8 @@ def test_score_rejects_what_is_not_the_models_fault():
     ("[{'Box': [1, 1, 5, 5]}]", "syn_detect", None, "syn_detect: solution .* has an object without 'Position'"),
     ("[[5, 5, 1, 1]]", "coco", None, "coco: solution .* has an empty or inverted box"),
     ("[[0, 0, 300, 50]]", "coco", {"image_size": [200, 100]}, "coco: solution .* outside the 200x100 image"),
-    ("[[0, 0, 5, 5]]", "coco", {"box_convention": "qwen1000"}, "coco: meta box_convention 'qwen1000' needs image_size"),
+    ("[[0, 0, 1200, 5]]", "coco", {"box_convention": "qwen1000", "image_size": [2000, 100]},
+     r"coco: solution .* outside the 0-1000 grid"),
     ("[[0, 0, 5, 5]]", "coco", {"box_convention": "normalized"}, "coco: meta box_convention 'normalized' is not"),
     ("[[0, 0, 5, 5]]", "coco", {"image_size": [0, 10]}, r"coco: meta image_size must be \[width, height\] > 0"),
     (5, "geoqa", None, "geoqa: solution must be a string, got 5"),
@@ -418,3 +421,90 @@ def test_cli_reports_bad_input_clearly():
     assert done.returncode == 2 and "--meta is not JSON" in done.stderr
     done = run_cli("--help")
     assert done.returncode == 0 and "syn_colorcount  math x2, format x1" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reward_mode="official": the same completions scored ours and the official code's way, one case per difference
+# listed at the top of rewards.py (solutions as prepare_data.py writes them)
+
+OPTIONS_LR = {"options": {"A": "left", "B": "right"}}
+ONE_LINE = "<think>\nI look at the image.\n</think>\n<answer>{}</answer>"  # the official answer regex reads this
+
+
+@pytest.mark.parametrize("why, domain, solution, meta, completion, ours, official", [
+    ("the official code does not gate accuracy on format", "sat", "<answer>B</answer>", None,
+     "<answer>B</answer>", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 0.0}),
+    ("math_verify first, on every domain: '10' is the solution box's first number", "lisa", BOX, None,
+     formatted("10"), {"iou": 0.0, "format": 1.0}, {"iou": 1.0, "format": 1.0}),
+    ("no DOTALL: a multi-line box answer is not found, the whole completion is no box list", "lisa", BOX, None,
+     formatted("[{'Position': [12, 10, 50, 48], 'Confidence': 1}]"), {"iou": 0.9025, "format": 1.0},
+     {"iou": 0.0, "format": 1.0}),
+    # (math_verify reads 20 in this completion and 60 in this solution, so its test fails and the JSON is read)
+    ("... while on one line it is found (the format fails: no newline after <answer>)", "lisa", "[20, 20, 60, 60]",
+     None, ONE_LINE.format("[{'Position': [22, 20, 60, 58], 'Confidence': 1}]"), {"iou": 0.0, "format": 0.0},
+     {"iou": 0.9025, "format": 0.0}),
+    ("MULTILINE $: text may follow a newline after </answer>", "sat", "<answer>B</answer>", None,
+     formatted("B") + "\nand more", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 1.0}),
+    ("tags may repeat: the last standalone letter of the whole completion counts", "sat", "<answer>B</answer>",
+     None, formatted("A") + "\n<answer>\nB\n</answer>", {"choice": 0.0, "format": 0.0},
+     {"choice": 1.0, "format": 1.0}),
+    ("the article in 'A cat' is the letter A", "sat", "<answer>A</answer>", None, formatted("A cat, left"),
+     {"choice": 0.0, "format": 1.0}, {"choice": 1.0, "format": 1.0}),
+    ("the option's text is no answer to the official code", "sat", "<answer>B</answer>", OPTIONS_LR,
+     ONE_LINE.format("right"), {"choice": 0.0, "format": 0.0}, {"choice": 0.0, "format": 0.0}),
+    ("no answer tag: the official code grades the whole completion", "sat", "<answer>B</answer>", None,
+     "The answer is B", {"choice": 0.0, "format": 0.0}, {"choice": 1.0, "format": 0.0}),
+    ("GeoQA with the choice reward: '5 cm' is not the string '5'", "geoqa", "<answer>5</answer>", None,
+     formatted("5 cm"), {"math": 1.0, "format": 1.0}, {"math": 0.0, "format": 1.0}),
+    ("a 'No Objects' truth cannot be read by the official code", "coco", "<answer>No Objects</answer>", None,
+     formatted("No Objects"), {"detection": 1.0, "format": 1.0}, {"detection": 0.0, "format": 1.0}),
+    ("official LISA: IoU only above 0.5, over the number of boxes answered", "lisa", "[20, 20, 60, 60]", None,
+     ONE_LINE.format("[{'Position': [20, 20, 60, 52], 'Confidence': 1}, {'Position': [70, 70, 90, 90], "
+                     "'Confidence': 0.5}]"), {"iou": 0.0, "format": 0.0}, {"iou": 0.4, "format": 0.0}),
+])
+def test_official_mode_undoes_each_documented_difference(why, domain, solution, meta, completion, ours, official):
+    weights = dict(DOMAIN_REWARDS[domain])
+    for mode, expected in (("ours", ours), ("official", official)):
+        result = score(completion, solution, domain, meta, reward_mode=mode)
+        total = sum(weights[name] * value for name, value in expected.items())
+        assert result == pytest.approx({**expected, "total": total}), (why, mode)
+
+
+def test_official_mode_ignores_the_options_that_belong_to_ours():
+    completion = ONE_LINE.format("[{'Position': [20, 20, 60, 52], 'Confidence': 1}]")  # IoU 0.8
+    for options in ({}, {"gate_on_format": False, "format_mode": "lenient", "iou_threshold": 0.9}):
+        assert score(completion, "[20, 20, 60, 60]", "lisa", reward_mode="official", **options)["iou"] == \
+            pytest.approx(0.8)
+    # ours ungated on the same one-line answer: the most confident box's IoU, or VLM-R1's binary reward
+    assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False)["iou"] == pytest.approx(0.8)
+    assert score(completion, "[20, 20, 60, 60]", "lisa", gate_on_format=False, iou_threshold=0.9)["iou"] == 0.0
+    # plain boxes: ours reads them, the official reader needs Position/Confidence objects
+    plain = ONE_LINE.format("[[22, 20, 60, 58]]")
+    assert score(plain, "[[20, 20, 60, 60]]", "coco", gate_on_format=False)["detection"] == pytest.approx(0.9025)
+    assert score(plain, "[[20, 20, 60, 60]]", "coco", reward_mode="official")["detection"] == 0.0
+    # the one difference kept: an inverted box scores 0 both ways (the official arithmetic could give NaN)
+    inverted = ONE_LINE.format("[{'Position': [55, 55, 25, 25], 'Confidence': 1}]")  # math_verify: 55 vs 60
+    for mode in rewards.REWARD_MODES:
+        assert score(inverted, "[20, 20, 60, 60]", "lisa", reward_mode=mode, gate_on_format=False)["iou"] == 0.0
+    with pytest.raises(ValueError, match="reward_mode must be one of"):
+        score(completion, "[20, 20, 60, 60]", "lisa", reward_mode="paper")
+
+
+def test_reward_weights_replace_the_paper_weights_of_the_rewards_they_name():
+    completion = formatted("[12, 10, 50, 48]")  # IoU 0.9025, format 1
+    assert score(completion, BOX, "lisa", reward_weights={"iou": 1.0})["total"] == pytest.approx(1.9025)
+    assert score(completion, BOX, "lisa", reward_weights='{"iou": 3, "format": 0.5}')["total"] == \
+        pytest.approx(3 * 0.9025 + 0.5)
+    # a weight for a reward the domain does not have changes nothing
+    assert score(completion, BOX, "lisa", reward_weights={"choice": 9.0})["total"] == pytest.approx(2.805)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ('{"iuo": 1}', "reward_weights names 'iuo', not a reward"),
+    ('{"iou": "2"}', r"reward_weights\['iou'\] must be a finite number"),
+    ("[2.0, 1.0]", "reward_weights must map reward names to weights"),
+    ("{iou: 2}", "reward_weights is not JSON"),
+])
+def test_bad_reward_weights_are_an_error_naming_the_entry(weights, message):
+    with pytest.raises(ValueError, match=message):
+        score(formatted("[12, 10, 50, 48]"), BOX, "lisa", reward_weights=weights)

@@ -91,6 +91,16 @@ def test_every_reward_is_a_finite_float_in_its_range(completion, mode, choice_ca
         assert result["total"] == 0.0
 
 
+@settings(PROPERTY, max_examples=100)  # math_verify parses every whole completion: ~70 ms each here
+@given(completions, st.sampled_from(SCORE_CASES))
+def test_official_mode_gives_a_finite_reward_in_range_for_any_completion(completion, score_case):
+    domain, solution, meta = score_case
+    result = rewards.score(completion, solution, domain, meta, reward_mode="official")
+    weights = dict(rewards.DOMAIN_REWARDS[domain])
+    assert all(in_range(result[name], 0.0, 1.0) for name in weights)
+    assert math.isclose(result["total"], sum(w * result[name] for name, w in weights.items()), abs_tol=1e-9)
+
+
 finite = st.floats(-1e6, 1e6)
 valid_boxes = st.tuples(finite, finite, st.floats(0.01, 1e6), st.floats(0.01, 1e6)).map(
     lambda b: (b[0], b[1], b[0] + b[2], b[1] + b[3]))

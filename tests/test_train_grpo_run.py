@@ -41,13 +41,13 @@ def test_three_steps_write_metrics_samples_and_change_weights(data_dir, cold_sta
     assert config["mixture_weights"] == {"syn_count": 1.0} and config["planned_steps"] == 3
 
 
-def test_interleave_under_ends_when_the_small_domain_is_exhausted(data_dir, cold_start_dir, tmp_path):
+def test_without_max_steps_one_pass_over_the_interleaved_pool(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     proc = train(data_dir, out, cold_start_dir, "--max_steps=0", "--checkpoint_every=1000", "--beta=0",
                  "--log_samples_every=0", "--max_completion_length=8")
     expected = tg.build_schedule({"syn_colorcount": 0.5, "syn_count": 0.5}, {"syn_colorcount": 12, "syn_count": 60},
                                  2, 0, "interleave_under", seed=0)
-    assert 5 <= len(expected) < 30  # 12 rows of the small domain last about 12 steps
+    assert 5 <= len(expected) < 30  # the pool ends with the small domain's 12th row: about 24 rows, 12 steps
     assert len(metrics(out)) == len(expected)
     assert os.listdir(out / f"ckpt-{len(expected):06d}")
     assert f"done: {len(expected)} steps" in proc.stdout + proc.stderr
@@ -112,6 +112,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, cold
     assert len(metrics(out)) == checkpoints[0][0]  # nothing logged past the last good step
 
 
+def test_a_failed_checkpoint_write_is_a_message_about_space(data_dir, cold_start_dir, tmp_path):
+    # A real failed write: no file may grow past 1 MiB (RLIMIT_FSIZE, with SIGXFSZ ignored write() fails as on a
+    # full disk); the checkpoint's optimizer state and weights are larger, the logs smaller.
+    out = tmp_path / "run"
+    limited = ("bash", "-c", "ulimit -f 1024; trap '' XFSZ; exec \"$@\"", "bash", sys.executable)
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", "--beta=0", "--log_samples_every=0",
+                 launcher=limited, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"training stopped: writing checkpoint \S*ckpt-000002 failed \(.+\); the disk holding it has "
+                     r"\d+ MiB free and a checkpoint takes about \d+ MiB: free some space", proc.stderr), proc.stderr
+    assert "rerun with --resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]  # the partial folder is gone
+    assert len(metrics(out)) == 2
+
+
 def test_resume_refuses_another_mixture(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, cold_start_dir, "--max_steps=2", "--log_samples_every=0")
@@ -154,3 +169,11 @@ def test_wandb_log_gets_every_metrics_line_offline(data_dir, cold_start_dir, tmp
     for row, line in zip(logged, lines):
         assert row["_step"] == line["step"]
         assert {k: row[k] for k in line} == line  # every field, timings too, as metrics.jsonl has it
+
+
+def test_an_out_dir_that_is_a_file_stops_the_run_before_anything_loads(data_dir, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    proc = train(data_dir, tmp_path / "run", tmp_path / "no_such_model", "--max_steps=1", check=False)
+    # the out_dir error comes first: neither the data nor the (missing) start model was looked at
+    assert proc.returncode == 1 and "is a file, not a folder" in proc.stderr and "init_from" not in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback

@@ -110,26 +110,77 @@ def test_schedule_visits_every_row_before_repeating():
     assert sorted(rows[:7]) == list(range(7)) and sorted(rows[7:]) == list(range(7))
 
 
-def test_interleave_under_stops_before_the_step_that_finds_a_domain_exhausted():
+def test_interleave_under_pool_is_interleave_datasets_first_exhausted():
+    # replay interleave_datasets' documented draws by hand: default_rng(seed).choice over the sources in blocks of
+    # 1000; each draw takes its source's next row in stored order; the pool ends with the draw that takes the
+    # last row of a source (here "a", 5 rows, against 100 of "b")
+    pool = tg.interleave_under_pool({"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}, seed=3)
+    draws = np.random.default_rng(3).choice(2, size=1000, p=[0.5, 0.5])
+    end = int(np.flatnonzero(draws == 0)[4]) + 1
+    assert [d for d, _ in pool] == ["a" if k == 0 else "b" for k in draws[:end]]
+    assert [row for d, row in pool if d == "a"] == [0, 1, 2, 3, 4]
+    assert [row for d, row in pool if d == "b"] == list(range(end - 5))
+
+
+def test_interleave_under_pool_proportions_are_the_mixtures():
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    pool = tg.interleave_under_pool(weights, {"a": 4000, "b": 4000, "c": 4000}, seed=0)
+    # "a" runs out first: about 4000 / 0.5 = 8000 picks
+    assert sum(d == "a" for d, _ in pool) == 4000 and 7500 < len(pool) < 8500
+    observed = [sum(d == k for d, _ in pool) for k in sorted(weights)]
+    assert chisquare(observed, [weights[k] * len(pool) for k in sorted(weights)]).pvalue > 0.001
+
+
+def test_interleave_under_runs_epochs_over_the_pool_until_max_steps():
     weights, sizes = {"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}
+    pool = tg.interleave_under_pool(weights, sizes, seed=3)
+    schedule = tg.build_schedule(weights, sizes, 2, 40, "interleave_under", seed=3)
+    assert len(schedule) == 40 and all(len(step) == 2 for step in schedule)
+    prompts = [pick for step in schedule for pick in step]
+    n = len(pool)
+    epochs = [prompts[k:k + n] for k in range(0, len(prompts), n)]
+    assert all(sorted(e) == sorted(pool) for e in epochs[:-1])
+    assert len(epochs) >= 3 and epochs[0] != epochs[1]  # reshuffled each epoch
+    assert set(epochs[-1]) <= set(pool)
+
+
+def test_interleave_under_without_max_steps_is_one_pass_over_the_pool():
+    weights, sizes = {"a": 0.5, "b": 0.5}, {"a": 5, "b": 100}
+    pool = tg.interleave_under_pool(weights, sizes, seed=3)
     schedule = tg.build_schedule(weights, sizes, 2, 0, "interleave_under", seed=3)
-    # replay the same draws by hand: the schedule ends exactly when the 6th pick of "a" would be needed
-    rng = np.random.default_rng(3)
-    rng.permutation(5), rng.permutation(100)
-    picks_of_a, steps = 0, 0
-    while True:
-        draws = rng.choice(["a", "b"], size=2, p=[0.5, 0.5])
-        if picks_of_a + sum(d == "a" for d in draws) > 5:
-            break
-        picks_of_a += sum(d == "a" for d in draws)
-        steps += 1
-    assert len(schedule) == steps
-    used_a = [row for step in schedule for d, row in step if d == "a"]
-    assert len(used_a) == len(set(used_a)) <= 5
+    assert len(schedule) == len(pool) // 2  # an incomplete last step is dropped
+    prompts = [pick for step in schedule for pick in step]
+    assert len(set(prompts)) == len(prompts) and set(prompts) <= set(pool)
 
 
-def test_schedule_is_a_function_of_the_seed():
-    args = ({"a": 0.3, "b": 0.7}, {"a": 50, "b": 50}, 2, 20, "with_replacement")
+# The paper's 11 seed runs (reference/modomodo/table2.csv: 1 COCO, 2 LISA, 3 GeoQAV, 4 SAT, 5 ScienceQA) on the
+# official training-set sizes, 2 prompts per step: before the pool was iterated in epochs, single LISA ended at
+# step 663 and single GeoQAV at 984, so they had no step-1500 or step-2000 checkpoint for StepAvg.
+PAPER_SIZES = {"coco": 5997, "lisa": 1326, "geoqav": 1969, "sat": 15000, "scienceqa": 6218}
+SEED_RUNS = ["1", "2", "3", "4", "5", "2345", "1345", "1245", "1235", "1234", "12345"]
+
+
+@pytest.mark.parametrize("run", SEED_RUNS)
+def test_every_table2_seed_run_reaches_2000_steps(run):
+    names = sorted(PAPER_SIZES, key=["coco", "lisa", "geoqav", "sat", "scienceqa"].index)
+    weights = {names[int(k) - 1]: 1 / len(run) for k in run}
+    sizes = {d: PAPER_SIZES[d] for d in weights}
+    schedule = tg.build_schedule(weights, sizes, 2, 2000, "interleave_under", seed=42)
+    assert len(schedule) == 2000 and all(len(step) == 2 for step in schedule)
+    assert all(0 <= row < sizes[d] for step in schedule for d, row in step)
+
+
+def test_single_lisa_sees_every_row_once_per_epoch():
+    schedule = tg.build_schedule({"lisa": 1.0}, {"lisa": 1326}, 2, 2000, "interleave_under", seed=42)
+    rows = [row for step in schedule for _, row in step]
+    assert sorted(rows[:1326]) == sorted(rows[1326:2652]) == list(range(1326))
+    assert rows[:1326] != rows[1326:2652]
+
+
+@pytest.mark.parametrize("sampling", ["with_replacement", "interleave_under"])
+def test_schedule_is_a_function_of_the_seed(sampling):
+    # what makes a resume replay the data an uninterrupted run sees
+    args = ({"a": 0.3, "b": 0.7}, {"a": 50, "b": 50}, 2, 100, sampling)
     assert tg.build_schedule(*args, seed=5) == tg.build_schedule(*args, seed=5)
     assert tg.build_schedule(*args, seed=5) != tg.build_schedule(*args, seed=6)
 
@@ -154,10 +205,42 @@ def test_resolve_mixture_forms(tmp_path):
     ('{"a": 0, "b": 0}', "all zero"),
     ('{"a": "x"}', "finite number >= 0"),
     ("/no/such/mixture.json", "cannot read mixture file"),
+    ('{"a": 1,', r"--mixture is not valid JSON \(.*\); write it as '\{"),
 ])
 def test_resolve_mixture_bad_input(spec, message):
     with pytest.raises(SystemExit, match=message):
         tg.resolve_mixture(spec, "", ["a", "b"])
+
+
+def test_the_domains_trained_on_are_said():
+    # a data dir left by a killed prepare_data.py lists one domain: uniform trains on it alone, and says so
+    assert tg.describe_mixture(tg.resolve_mixture("uniform", "", ["syn_count"]), ["syn_count"], "data") == \
+        "training on 1 of the 1 training domain(s) in data: syn_count 1"
+    assert tg.describe_mixture({"a": 0.75, "b": 0.25}, ["a", "b", "c"], "d") == \
+        "training on 2 of the 3 training domain(s) in d: a 0.75, b 0.25"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("3", r"must be a JSON object \{domain: weight\}, got int 3"),
+    ('["a", "b"]', r"must be a JSON object \{domain: weight\}, got list"),
+    ('{"proposals": [{"name": "p1"}]}', "proposal 'p1' in .*mixtures.json has no \"mixture\" object"),
+    ('{"proposals": 5}', "no proposal named '' in"),
+])
+def test_mixture_files_of_the_wrong_shape_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "mixtures.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        tg.resolve_mixture(str(path), "", ["a", "b"])
+
+
+def test_out_dir_that_is_a_file_or_not_writable_is_an_error(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit, match="out_dir=.*taken is a file, not a folder"):
+        tg.check_out_dir(str(tmp_path / "taken"))
+    with pytest.raises(SystemExit, match=r"out_dir=/proc/modomodo_run is not writable \(.+\)"):
+        tg.check_out_dir("/proc/modomodo_run")  # a place no one can write, even root
+    tg.check_out_dir(str(tmp_path / "new" / "run"))
+    assert os.listdir(tmp_path / "new" / "run") == []  # made, and the probe file removed
 
 
 def test_parse_config_overrides_in_order(tmp_path):
@@ -175,11 +258,43 @@ def test_parse_config_overrides_in_order(tmp_path):
     (["--loss_type=mean"], "loss_type must be one of"),
     (["--sampling=with_replacement", "--max_steps=0"], "never runs out"),
     (["--num_generations=1"], "num_generations must be >= 2"),
+    (["--max_steps=-3"], r"max_steps must be >= 0 \(0: until a domain is exhausted\), got -3"),
     (["/no/such/config.json"], "cannot read config file"),
+    (["--reward_mode=paper"], "reward_mode must be one of"),
+    (['--reward_weights={"iuo": 2}'], "reward_weights names 'iuo', not a reward"),
+    (["--reward_iou_threshold=1.5"], r"iou_threshold must lie in \(0, 1\)"),
+    (["--system_prompt=R1"], "system_prompt 'R1' is not one of default, r1"),
 ])
 def test_parse_config_bad_input(argv, message):
     with pytest.raises(SystemExit, match=message):
         tg.parse_config(argv)
+
+
+def test_reward_settings_reach_the_scores(tmp_path):
+    """The same completion scored under the training config's reward settings: the default, the official
+    scoring with weights from a JSON config file as the official YAML gives them, and VLM-R1's binary IoU."""
+    completion = "<think>\nI look.\n</think>\n<answer>[{'Position': [22, 20, 60, 58], 'Confidence': 1}]</answer>"
+    # IoU 0.9025, the answer on one line (math_verify reads 20 in the completion, 60 in the solution: no match)
+    record = [(None, None, "[20, 20, 60, 60]", "lisa", {})]
+    path = tmp_path / "official.json"
+    path.write_text(json.dumps({"reward_mode": "official", "reward_weights": {"iou": 2.0, "format": 0.5}}))
+    def scored(argv):
+        return tg.score_completions([completion], record, tg.scoring_options(tg.parse_config(argv)))[0]
+    default, official = scored([]), scored([str(path)])
+    binary = scored(["--reward_gate_on_format=false", "--reward_iou_threshold=0.5"])
+    assert default == {"iou": 0.0, "format": 0.0, "total": 0.0}  # gated: the answer is not on its own lines
+    assert official == pytest.approx({"iou": 0.9025, "format": 0.0, "total": 1.805})
+    assert binary == {"iou": 1.0, "format": 0.0, "total": 2.0}
+
+
+def test_system_prompt_setting_reaches_the_prompts():
+    _, tokenizer, image_processor = vlm.load_policy("tiny")
+    records = [("How many circles?", None, "<answer>2</answer>", "syn_count", {})]
+    for name in ("default", "r1"):
+        batch, _ = tg.distinct_prompts(tokenizer, image_processor, records, [0, 0], vlm.system_prompt_text(name))
+        expected = vlm.prompt_text(tokenizer, "How many circles?", n_images=0,
+                                   system_prompt=vlm.system_prompt_text(name))
+        assert tokenizer.decode(batch["input_ids"][0]) == expected
 
 
 def test_help_lists_every_setting(capsys):
@@ -221,6 +336,19 @@ def test_last_good_checkpoint_skips_broken_ones(tmp_path):
     assert any("ckpt-000015" in m and "incomplete" in m for m in messages)
 
 
+def test_truncate_jsonl_drops_a_torn_last_line(tmp_path):
+    # the disk filled while step 5 was written: its line is cut and has no newline (issue 13, case 1)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 5)) + '{"step": 5, "loss": 0.2')
+    messages = []
+    tg.truncate_jsonl(str(path), 3, messages.append)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert len(messages) == 1 and "dropped its last line" in messages[0] and '{"step": 5' in messages[0]
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')  # a cut line before others: not a write in progress
+    with pytest.raises(SystemExit, match="metrics.jsonl line 2 is not JSON"):
+        tg.truncate_jsonl(str(path), 3, messages.append)
+
+
 def test_truncate_jsonl_drops_later_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
@@ -248,3 +376,61 @@ def test_a_missing_start_model_is_a_one_line_error(tmp_path, monkeypatch):
         tg.load_start_model("out/cold_start", 0, 0, True)
     with pytest.raises(SystemExit, match="is not a folder: check --init_from"):
         tg.load_start_model(str(tmp_path / "no_such_model"), 0, 0, True)
+
+
+# --- starting and resuming ---
+
+def stopped_before_first_checkpoint(out):
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    (out / "samples.jsonl").write_text(json.dumps({"step": 2}) + "\n")
+    (out / "metrics.png").write_bytes(b"png")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, resume):
+    from accelerate import Accelerator
+    out = tmp_path / "run"
+    stopped_before_first_checkpoint(out)
+    messages = []
+    run_info = {"config": {"seed": 0}, "mixture_weights": {"a": 1.0}, "planned_steps": 10}
+    assert tg.start_or_resume(Accelerator(cpu=True), None, str(out), resume, run_info, messages.append) == 0
+    assert sorted(os.listdir(out)) == ["config.json"]  # the old steps are gone, so the new ones are not appended
+    assert any("held 3 logged step(s)" in m and "starting over from step 1" in m for m in messages)
+    with pytest.raises(SystemExit, match="holds no run"):
+        tg.start_or_resume(Accelerator(cpu=True), None, str(tmp_path / "empty"), True, run_info, messages.append)
+
+
+def test_resume_refuses_settings_that_cannot_apply_and_keeps_config_json(tmp_path):
+    from accelerate import Accelerator
+    out = tmp_path / "run"
+    started = tg.parse_config([])
+    run_info = {"config": started, "mixture_weights": {"a": 1.0}, "planned_steps": 10}
+    folder = out / "ckpt-000002"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 2, **run_info}))
+    vlm.write_checksums(str(folder))
+    (out / "config.json").write_text(json.dumps(run_info))
+    resumed = tg.parse_config(["--learning_rate=0.5", "--seed=7", "--checkpoint_every=5", "--resume"])
+    with pytest.raises(SystemExit, match=r"did not start with: learning_rate 0\.0003 -> 0\.5, seed 0 -> 7; "):
+        tg.start_or_resume(Accelerator(cpu=True), None, str(out), True, dict(run_info, config=resumed), print)
+    assert json.loads((out / "config.json").read_text()) == run_info  # still the settings that ran
+    # where things are, logging and rollout serving may change; a setting an older version had is ignored
+    assert tg.changed_settings(started, tg.parse_config(["--checkpoint_every=5", "--vllm_timeout=9"])) == []
+    assert tg.changed_settings({"cold_start_steps": 300, "beta": 0.04}, {"beta": 0.0}) == ["beta 0.04 -> 0.0"]
+
+
+def test_an_rng_state_that_does_not_load_is_an_error_not_a_silent_divergence(tmp_path):
+    import pickle
+    import random
+    states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+              "torch_manual_seed": torch.get_rng_state()}  # what accelerate's save_state writes
+    torch.save(states, tmp_path / "random_states_0.pkl")
+    assert tg.rng_state_problem(str(tmp_path), 0) is None
+    data = (tmp_path / "random_states_0.pkl").read_bytes()
+    (tmp_path / "random_states_0.pkl").write_bytes(data[:len(data) // 2])  # cut
+    problem = tg.rng_state_problem(str(tmp_path), 0)
+    assert "random_states_0.pkl cannot be loaded" in problem and "resume from an earlier checkpoint" in problem
+    (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"random_state": "not a state"}, protocol=2))
+    assert "cannot be loaded" in tg.rng_state_problem(str(tmp_path), 0)
+    assert "cannot be loaded (FileNotFoundError" in tg.rng_state_problem(str(tmp_path), 1)

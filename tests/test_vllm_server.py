@@ -196,6 +196,17 @@ def test_greedy_tokens_equal_hf_generate(client, policy, images):
 
 
 @requires_server
+def test_the_server_builds_prompts_under_a_system_prompt_as_the_trainer(client, policy, images):
+    model, tokenizer, image_processor = policy
+    r1 = vlm.system_prompt_text("r1")
+    batch = vlm.encode_prompts(tokenizer, image_processor, PROMPTS[:2], images[:2], system_prompt=r1)
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    served = client.generate(PROMPTS[:2], images[:2], max_new_tokens=8, greedy=True, prompt_ids=prompt_ids,
+                             system_prompt=r1)  # a server prompt differing from prompt_ids would raise
+    assert served == vlm.generate(model, tokenizer, batch, max_new_tokens=8, greedy=True)
+
+
+@requires_server
 def test_a_server_that_tokenizes_differently_is_an_error(client, policy, images):
     _, prompt_ids = encode(policy, images)
     prompt_ids[1] = prompt_ids[1][:20] + [0] + prompt_ids[1][21:]

@@ -1,4 +1,4 @@
-"""The shared policy module: tiny model, prompt building, generation, save/load."""
+"""The shared policy module: tiny models, prompt building, generation, save/load."""
 import json
 import os
 
@@ -12,6 +12,34 @@ import vlm
 @pytest.fixture(scope="module")
 def tiny():
     return vlm.load_policy("tiny")
+
+
+# every tiny family: the code paths that differ between them (vision tower, position ids) get the same checks
+FAMILIES = {"tiny": "Qwen2VLForConditionalGeneration", "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+            "tiny-qwen3-vl": "Qwen3VLForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def each_tiny(request):
+    return request.param, vlm.load_policy(request.param)
+
+
+def test_each_tiny_family_is_small_and_deterministic(each_tiny):
+    name, (model, tokenizer, image_processor) = each_tiny
+    assert type(model).__name__ == FAMILIES[name]
+    assert 500_000 < sum(p.numel() for p in model.parameters()) < 1_500_000
+    again, _, _ = vlm.load_policy(name)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # 56 px and 112 px images give 4 and 16 image tokens in every family (Qwen3-VL: 16 px patches, 64 / 128 px)
+    batch = vlm.encode_prompts(tokenizer, image_processor, ["a", "b"],
+                               [Image.new("RGB", (56, 56)), Image.new("RGB", (112, 112))])
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (batch["input_ids"] == pad_id).sum(1).tolist() == [4, 16]
+
+
+def test_unknown_tiny_family_is_an_error():
+    with pytest.raises(ValueError, match="no tiny model of family 'qwen9_vl'"):
+        vlm.tiny_config("qwen9_vl", vlm.build_tiny_tokenizer())
 
 
 def test_tiny_model_is_small_qwen2vl(tiny):
@@ -47,6 +75,20 @@ def test_image_pads_expand_to_grid_tokens(tiny):
     assert text.replace("<|endoftext|>", "").endswith("<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_system_prompt_replaces_the_templates_own(tiny):
+    _, tokenizer, image_processor = tiny
+    r1 = vlm.system_prompt_text("r1")
+    assert r1.startswith("A conversation between User and Assistant.") and vlm.system_prompt_text("default") is None
+    plain, with_r1 = (tokenizer.decode(vlm.encode_prompts(tokenizer, image_processor, ["c"], [None],
+                                                          system_prompt=system)["input_ids"][0])
+                      for system in (None, r1))
+    assert plain.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nc")
+    assert with_r1.startswith(f"<|im_start|>system\n{r1}<|im_end|>\n<|im_start|>user\nc<|im_end|>\n")
+    assert vlm.prompt_text(tokenizer, "c", n_images=0, system_prompt=r1) == with_r1
+    with pytest.raises(ValueError, match="system_prompt 'R1' is not one of default, r1"):
+        vlm.system_prompt_text("R1")
+
+
 def test_prompt_over_limit_is_an_error(tiny):
     _, tokenizer, image_processor = tiny
     with pytest.raises(ValueError, match="max_prompt_length=10"):
@@ -75,13 +117,16 @@ def test_generate_groups_samples_and_stops_at_eos(tiny):
     assert all(eos not in o[:-1] for o in outs)
 
 
-def test_save_and_load_round_trip(tiny, tmp_path):
-    model, tokenizer, image_processor = tiny
+def test_save_and_load_round_trip(each_tiny, tmp_path):
+    name, (model, tokenizer, image_processor) = each_tiny
     vlm.save_policy(model, tokenizer, image_processor, tmp_path)
-    for name in ["model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json",
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json",
                  "video_preprocessor_config.json"]:
-        assert (tmp_path / name).is_file(), name
+        assert (tmp_path / file).is_file(), file
+    processor = json.loads((tmp_path / "processor_config.json").read_text())["processor_class"]
+    assert processor == FAMILIES[name].replace("ForConditionalGeneration", "Processor")
     model2, tokenizer2, image_processor2 = vlm.load_policy(str(tmp_path))
+    assert type(model2).__name__ == FAMILIES[name]
     batch = vlm.encode_prompts(tokenizer, image_processor, ["a"], [Image.new("RGB", (56, 56), "green")])
     batch2 = vlm.encode_prompts(tokenizer2, image_processor2, ["a"], [Image.new("RGB", (56, 56), "green")])
     assert torch.equal(batch["input_ids"], batch2["input_ids"])
@@ -143,24 +188,25 @@ def hf_generate(model, tokenizer, batch, n, max_new_tokens, greedy):
 
 
 @pytest.fixture(scope="module")
-def mixed_batch(tiny):
+def mixed_batch(each_tiny):
     """Prompts of different lengths (so left padding), two image sizes and no image: every M-RoPE case."""
-    _, tokenizer, image_processor = tiny
+    _, (_, tokenizer, image_processor) = each_tiny
     images = [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84), "red"), None]
     return vlm.encode_prompts(tokenizer, image_processor, ["How many circles?", "a", "Which is left of the other?"],
                               images)
 
 
-def test_greedy_equals_hf_generate(tiny, mixed_batch):
-    model, tokenizer, _ = tiny
+def test_greedy_equals_hf_generate(each_tiny, mixed_batch):
+    # HF generate computes each family's position ids itself; vlm.generate passes its own (prompt_position_ids)
+    _, (model, tokenizer, _) = each_tiny
     ours = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=20)
     assert ours == hf_generate(model, tokenizer, mixed_batch, 1, 20, greedy=True)
     assert [len(o) for o in ours] == [20, 20, 20]  # the random model never says EOS: every step compared
 
 
-def test_samples_equal_hf_generate_given_the_seed(tiny, mixed_batch):
+def test_samples_equal_hf_generate_given_the_seed(each_tiny, mixed_batch):
     # Same softmax, same multinomial draws in the same order: the same tokens, not just the same distribution.
-    model, tokenizer, _ = tiny
+    _, (model, tokenizer, _) = each_tiny
     torch.manual_seed(7)
     ours = vlm.generate(model, tokenizer, mixed_batch, n=3, max_new_tokens=16)
     torch.manual_seed(7)
@@ -168,10 +214,10 @@ def test_samples_equal_hf_generate_given_the_seed(tiny, mixed_batch):
     assert len({tuple(o) for o in ours}) == 9  # and they are real samples
 
 
-def test_samples_per_prompt_may_differ(tiny, mixed_batch):
+def test_samples_per_prompt_may_differ(each_tiny, mixed_batch):
     # Each prompt is encoded once and its state copied to its samples: greedy samples of a prompt are its greedy
     # completion, in prompt order.
-    model, tokenizer, _ = tiny
+    _, (model, tokenizer, _) = each_tiny
     one_each = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=10)
     outs = vlm.generate(model, tokenizer, mixed_batch, n=[2, 1, 3], greedy=True, max_new_tokens=10)
     assert outs == [one_each[0]] * 2 + [one_each[1]] + [one_each[2]] * 3
@@ -196,9 +242,10 @@ def full_sequence_logprobs(model, prompts, ids, mask, temperature):
     return vlm.selective_log_softmax(logits / temperature, ids)
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones():
-    from PIL import Image
-    model, tokenizer, image_processor = vlm.load_policy("tiny")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones(family):
+    # the full-sequence forward computes each family's position ids itself; completion_logprobs passes its own
+    model, tokenizer, image_processor = vlm.load_policy(family)
     model.model.visual.requires_grad_(False)
     problems, images = ["How many circles?", "a"], [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84))]
     prompt_of_row = torch.tensor([0, 0, 0, 1, 1])
