@@ -41,7 +41,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -134,14 +133,15 @@ def script(name):
 def run_commands(run, out_dir, train_args, data_dir, limit):
     """The commands a run still needs: training (fresh or resumed) unless it is done, then evaluation."""
     folder = run_folder(out_dir, run.name)
+    if is_evaluated(folder):  # evaluate.py checked the final checkpoint: no need to hash its weights again
+        return []
     commands, state = [], training_state(folder)
     if state != "done":
-        commands.append(("train", [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args,
-                                f"--seed={run.seed}", f"--out_dir={folder}"] + (["--resume"] if state == "resume"
-                                                                                 else [])))
-    if state != "done" or not is_evaluated(folder):
-        commands.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
-                      (["--limit", str(limit)] if limit else [])))
+        train = [sys.executable, script("train_grpo.py"), *train_args, *run.mixture_args, f"--seed={run.seed}",
+                 f"--out_dir={folder}"]
+        commands.append(("train", train + (["--resume"] if state == "resume" else [])))
+    commands.append(("evaluate", [sys.executable, script("evaluate.py"), folder, "--last", "--data_dir", data_dir] +
+                     (["--limit", str(limit)] if limit else [])))
     return commands
 
 
@@ -223,15 +223,6 @@ def run_jobs(jobs, parallel, logs_dir, desc):
             bar.update()
     bar.close()
     return failures
-
-
-def start_over_unstarted(runs, out_dir):
-    """A run without a complete checkpoint starts over in an empty folder (train_grpo.py would add to the old
-    metrics.jsonl of a killed first attempt)."""
-    for run in runs:
-        folder = run_folder(out_dir, run.name)
-        if os.path.isdir(folder) and training_state(folder) == "fresh":
-            shutil.rmtree(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,7 +555,6 @@ def main(argv=None):
     base = base_commands(config, data_dir)
     failures = run_jobs({"base": base} if base else {}, 1, logs_dir, "base")
     if not failures:  # every run starts from the base
-        start_over_unstarted(seed_runs, out_dir)
         failures.update(run_jobs(commands_of(seed_runs), args.jobs, logs_dir, "seed runs"))
         finished = [f for f in seed_folders if is_evaluated(f)]
         if not os.path.isfile(mixtures_path) and finished:
@@ -573,7 +563,6 @@ def main(argv=None):
     predicted, notes = read_mixtures(mixtures_path) if os.path.isfile(mixtures_path) else ({}, [])
     chosen = [r for r in proposal_runs if r.name in predicted]
     if chosen and "base" not in failures:
-        start_over_unstarted(chosen, out_dir)
         failures.update(run_jobs(commands_of(chosen), args.jobs, logs_dir, "proposal runs"))
     not_proposed = {r.name: why_not_proposed(r.name, notes) for r in proposal_runs
                     if predicted and r.name not in predicted}
