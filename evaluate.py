@@ -12,7 +12,8 @@ Outputs, per checkpoint <run>/ckpt-NNNNNN: <run>/eval/ckpt-NNNNNN/results.json (
 per-benchmark {score, n, metric, role}, in_score, out_score) and predictions.jsonl (one line per item: set, id,
 completion, parsed answer, solution, score). Several checkpoints of a run also give <run>/eval/stepavg/results.json,
 the paper's "StepAvg" (each benchmark's score averaged over the checkpoints). A base model's results go to
-out/base-<name>/ (--out_dir). Both files are written to a temporary name and renamed: a results.json is never
+out/base-<name>/ (--out_dir); a quick look with --limit N writes them to <folder>/limit-N/ instead, so it never
+replaces a full evaluation. Both files are written to a temporary name and renamed: a results.json is never
 half-written, and its presence means the evaluation finished. Completions are cached as they are generated
 (<folder>/.partial/), so a killed evaluation resumes where it stopped, with any number of processes.
 
@@ -320,7 +321,6 @@ def metric_of(domain, entry, exact_match):
 
 def open_test_sets(data_dir, names=None, exact_match=False):
     """The evaluation sets (all of the manifest's, or `names`), each opened and checked against the manifest."""
-    from datasets import load_from_disk
     manifest_path = os.path.join(data_dir, "manifest.json")
     manifest = vlm.load_manifest(data_dir)
     evaluation = manifest.get("evaluation", {})
@@ -342,10 +342,7 @@ def open_test_sets(data_dir, names=None, exact_match=False):
             raise SystemExit(f"error: evaluation set {name} is not a dataset split in {manifest_path}")
         info = entry["splits"][split]
         path = os.path.join(data_dir, info["path"])
-        if not os.path.isdir(path):
-            raise SystemExit(f"error: {path} (evaluation set {name} in {manifest_path}) does not exist: run "
-                             "prepare_data.py again")
-        dataset = load_from_disk(path)
+        dataset = vlm.open_split(data_dir, manifest, domain, split)
         missing = [c for c in RECORD_COLUMNS if c not in dataset.column_names]
         if missing:
             raise SystemExit(f"error: {path} lacks the record field(s) {', '.join(missing)}")
@@ -398,6 +395,25 @@ def read_json(path):
         return json.load(f)
 
 
+def existing_results(path, replace_unreadable):
+    """The results.json at `path`, or None when there is none. We write it atomically, so one that is not a JSON
+    object was cut or edited by something else: an error naming it, or None (to be replaced) under
+    `replace_unreadable`."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        results = read_json(path)
+        problem = None if isinstance(results, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = str(e)
+    if problem is None:
+        return results
+    if replace_unreadable:
+        return None
+    raise SystemExit(f"error: {path} is not a readable results file ({problem}): evaluate its model again with "
+                     "--force to replace it (cached completions are reused)")
+
+
 def is_run_folder(path):
     config = os.path.join(path, "config.json")
     has_checkpoints = any(re.fullmatch(r"ckpt-\d+", name) for name in os.listdir(path))
@@ -431,6 +447,14 @@ def base_model(source, out_dir):
         problem = vlm.checkpoint_problem(source)
         if problem is not None:
             raise SystemExit(f"error: model folder {source} is {problem}")
+    if os.path.isdir(source):  # found now, not after the test sets are read and the model fails to load
+        try:
+            config = read_json(os.path.join(source, "config.json"))
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise SystemExit(f"error: {source} is not a checkpoint (trainer_state.json), a run folder (ckpt-NNNNNN) "
+                             "nor a model folder (config.json with a model_type): give one of those")
     name = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
     folder = out_dir or os.path.join("out", "base-" + re.sub(r"[^A-Za-z0-9._-]+", "--", name))
     return Model(source, name, None, 0, {}, {}, folder)
@@ -465,11 +489,9 @@ def model_digest(model):
 def hf_engine(source, max_new_tokens, temperature, max_pixels, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
+        model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype, max_pixels=max_pixels)
     except OSError as e:
         raise SystemExit(f"error: cannot load model {source!r}: not a model folder, 'tiny', nor a hub model ({e})")
-    if max_pixels:
-        image_processor.size["longest_edge"] = max_pixels
     model.to(device).eval()
 
     def complete(problems, images):
@@ -485,9 +507,7 @@ def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, s
     the model's weights are loaded first; the server must have been started on a folder of the same architecture
     and tokenizer (a mismatch in tokenization is an error naming the prompt)."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype)
-    if max_pixels:
-        image_processor.size["longest_edge"] = max_pixels
+    model, tokenizer, image_processor = vlm.load_policy(source, dtype=dtype, max_pixels=max_pixels)
     client = vlm.VLLMClient(url, image_processor, timeout=timeout)
     try:
         client.check_health(weight_sync=True)
@@ -498,12 +518,9 @@ def vllm_engine(source, max_new_tokens, temperature, max_pixels, url, timeout, s
     del model
 
     def complete(problems, images):
-        batch = vlm.encode_prompts(tokenizer, image_processor, problems, images)
-        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         try:
-            ids = client.generate(problems, images, n=1, max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
-                                  greedy=temperature == 0, prompt_ids=prompt_ids,
-                                  suppress_token_ids=vlm.vision_token_ids(tokenizer))
+            ids = client.generate_for(tokenizer, problems, images, n=1, max_new_tokens=max_new_tokens,
+                                      temperature=temperature or 1.0, greedy=temperature == 0)
         except vlm.VLLMServerError as e:
             raise SystemExit(f"error: {e} (the completions generated so far are cached; run again to resume)")
         return [vlm.decode(tokenizer, c) for c in ids]
@@ -551,9 +568,9 @@ def completions_on_disk(folder, generation):
     """Completions already generated with these generation settings: every process's cache file, and the
     predictions of a finished evaluation that differed only in scoring (--exact_match, --limit)."""
     paths = sorted(glob.glob(os.path.join(folder, ".partial", "*.jsonl")))
-    results_path, predictions_path = os.path.join(folder, "results.json"), os.path.join(folder, "predictions.jsonl")
-    if os.path.isfile(results_path) and os.path.isfile(predictions_path) and \
-            read_json(results_path).get("settings", {}).get("generation") == generation:
+    finished = existing_results(os.path.join(folder, "results.json"), replace_unreadable=True)
+    predictions_path = os.path.join(folder, "predictions.jsonl")
+    if finished and os.path.isfile(predictions_path) and finished.get("settings", {}).get("generation") == generation:
         paths.insert(0, predictions_path)
     return read_completions(paths)
 
@@ -567,7 +584,7 @@ def prepare_cache(folder, generation, rank, world):
         if not os.path.isfile(settings_path) or read_json(settings_path) != generation:
             shutil.rmtree(cache_dir, ignore_errors=True)
             os.makedirs(cache_dir)
-            write_json_atomic(settings_path, generation)
+            vlm.write_json_atomic(settings_path, generation)
     barrier(world)
     done = completions_on_disk(folder, generation)
     barrier(world)  # every process has read before any adds to the cache, so all slice the same remainder
@@ -612,22 +629,6 @@ def generate_missing(model, sets, rows_of, done, generation, args, rank, world, 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 
-def write_json_atomic(path, value, jsonl=False):
-    """Serialises first, writes a temporary file, fsyncs, renames: the file at `path` is the old one or the whole
-    new one, never a half-written one."""
-    text = "".join(json.dumps(v) + "\n" for v in value) if jsonl else json.dumps(value, indent=1) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def weighted_score(benchmarks, role):
     """The paper's In / Out score: the mean of the sets' scores weighted by their sizes; None without such sets."""
     chosen = [b for b in benchmarks.values() if b["role"] == role]
@@ -661,10 +662,14 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
                   "max_pixels": args.max_pixels or model.train_config.get("max_pixels", 0),
                   "sets": {s.name: s.fingerprint for s in sets}}
     settings = {"generation": generation, "limit": args.limit, "metrics": {s.name: s.metric for s in sets}}
-    results_path = os.path.join(model.folder, "results.json")
-    if not args.force and os.path.isfile(results_path) and read_json(results_path).get("settings") == settings:
+    # A quick look (--limit N) has its own folder, so it never replaces a full evaluation's files; the completion
+    # cache is shared, so a full evaluation later reuses what a quick look generated and the reverse.
+    results_dir = os.path.join(model.folder, f"limit-{args.limit}") if args.limit else model.folder
+    results_path = os.path.join(results_dir, "results.json")
+    previous = existing_results(results_path, replace_unreadable=args.force)
+    if not args.force and previous and previous.get("settings") == settings:
         log(f"{results_path}: up to date")
-        return read_json(results_path) if rank == 0 else None
+        return previous if rank == 0 else None
     started = time.time()
     done = prepare_cache(model.folder, generation, rank, world)
     generate_missing(model, sets, rows_of, done, generation, args, rank, world, device)
@@ -677,18 +682,23 @@ def evaluate_model(model, sets, rows_of, args, rank, world, device, log):
                "in_score": weighted_score(benchmarks, "in"), "out_score": weighted_score(benchmarks, "out"),
                "limit": args.limit or None, "processes": world, "seconds": round(time.time() - started, 1),
                "settings": settings}
-    write_json_atomic(os.path.join(model.folder, "predictions.jsonl"), predictions, jsonl=True)
-    write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
-    shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
+    os.makedirs(results_dir, exist_ok=True)
+    vlm.write_json_atomic(os.path.join(results_dir, "predictions.jsonl"), predictions, jsonl=True)
+    vlm.write_json_atomic(results_path, results)  # last: its presence means the evaluation finished
+    if not args.limit:  # the full predictions.jsonl now holds every completion the cache did
+        shutil.rmtree(os.path.join(model.folder, ".partial"), ignore_errors=True)
     log(f"{results_path}: in {format_score(results['in_score'])}, out {format_score(results['out_score'])}")
     return results
 
 
-def write_stepavg(run_dir, steps, log):
+def write_stepavg(run_dir, steps, log, limit=0):
     """<run>/eval/stepavg/results.json: every benchmark's score averaged over the run's evaluated checkpoints (or
-    over `steps`), the paper's StepAvg. Only checkpoints evaluated like the newest one (same sets, sizes, metrics) are
-    averaged. Returns the path, or None with fewer than two such checkpoints."""
-    found = [read_json(p) for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", "results.json"))]
+    over `steps`), the paper's StepAvg; with `limit`, over their --limit evaluations, into stepavg/limit-N/. Only
+    checkpoints evaluated like the newest one (same sets, sizes, metrics) are averaged. Returns the path, or None
+    with fewer than two such checkpoints."""
+    subfolder = f"limit-{limit}" if limit else ""
+    found = [existing_results(p, replace_unreadable=False)
+             for p in glob.glob(os.path.join(run_dir, "eval", "ckpt-*", subfolder, "results.json"))]
     found.sort(key=lambda r: r["step"])
     if steps:
         missing = sorted(set(steps) - {r["step"] for r in found})
@@ -712,10 +722,10 @@ def write_stepavg(run_dir, steps, log):
                "averaged_steps": [r["step"] for r in chosen], "mixture": found[-1]["mixture"],
                "benchmarks": benchmarks, "in_score": weighted_score(benchmarks, "in"),
                "out_score": weighted_score(benchmarks, "out"), "limit": found[-1].get("limit")}
-    folder = os.path.join(run_dir, "eval", "stepavg")
+    folder = os.path.join(run_dir, "eval", "stepavg", subfolder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "results.json")
-    write_json_atomic(path, results)
+    vlm.write_json_atomic(path, results)
     log(f"{path}: StepAvg over steps {results['averaged_steps']}: in {format_score(results['in_score'])}, "
         f"out {format_score(results['out_score'])}")
     return path
@@ -814,7 +824,9 @@ def parse_args(argv):
     p.add_argument("--max_pixels", type=int, default=0,
                    help="image processor's max pixels per image (default 0: a checkpoint's training setting, else "
                         "the model's own)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N items of each set, for a quick look")
+    p.add_argument("--limit", type=int, default=0,
+                   help="only the first N items of each set, for a quick look: results go to <folder>/limit-N/, "
+                        "never over a full evaluation's; completions are shared with it (default 0: every item)")
     p.add_argument("--exact_match", action="store_true",
                    help="score the benchmarks by plain exact match with a reference answer (the paper's reporting) "
                         "instead of relaxed accuracy / ANLS / MathVista and MMMU matching")
@@ -870,7 +882,7 @@ def main(argv=None):
     written = [evaluate_model(model, sets, rows_of, args, rank, world, device, log) for model in models]
     if rank == 0:
         for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir):
-            path = write_stepavg(run_dir, args.stepavg_steps, log)
+            path = write_stepavg(run_dir, args.stepavg_steps, log, args.limit)
             if path:
                 written.append(read_json(path))
         print()

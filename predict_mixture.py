@@ -1078,13 +1078,6 @@ def shown_path(path):
     return path if relative.startswith("..") else relative
 
 
-def write_json_atomic(path, payload):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -1212,7 +1205,8 @@ def run(argv=None):
                "proposals": proposals,
                "validation": {name: m for name, m in validation["families"].items()},
                "notes": notes}
-    write_json_atomic(os.path.join(args.out_dir, "mixtures.json"), payload)
+    import vlm  # the shared atomic writer; vlm imports torch, which nothing before this point needs
+    vlm.write_json_atomic(os.path.join(args.out_dir, "mixtures.json"), payload)
     seconds = time.time() - started
     write_report(os.path.join(args.out_dir, "report.md"), data, args, notes, validation, model, proposals, quad,
                  plots, seconds)

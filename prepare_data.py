@@ -13,6 +13,8 @@ string: image_size, box_convention, options, source, and for the synthetic suite
 Each split is a save_to_disk folder <data_dir>/<domain>/<split>; <data_dir>/manifest.json indexes them (rows, content
 fingerprint, rows skipped with their reasons, which test sets are in-domain and which out-of-domain). The manifest is
 the only index: a split exists when the manifest lists it, and a split is listed only once its folder is complete.
+A run that is killed leaves the splits it had yet to finish in the manifest's "pending_splits", and training and
+evaluation refuse the manifest until the same command, run again, has finished them.
 """
 import argparse
 import ast
@@ -37,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import rewards
+import vlm
 
 # The paper's reasoning suffixes. MoDoMoDo appends the "(option)" one to SAT, GeoQA, GeoQAV and ScienceQA alike
 # (its official code with two spaces before "Output"; we use one, as the issue states). The plain one is R1-V's.
@@ -137,8 +140,14 @@ def evaluation_sets(manifest):
 
 
 def is_up_to_date(data_dir, domain, split, recipe):
+    """Listed with this recipe, and its files are still the ones written (a deleted, cut or edited split rebuilds)."""
     entry = read_manifest(data_dir)["datasets"].get(domain, {}).get("splits", {}).get(split)
-    return entry is not None and entry.get("recipe") == recipe and os.path.isdir(os.path.join(data_dir, domain, split))
+    if entry is None or entry.get("recipe") != recipe:
+        return False
+    try:
+        return vlm.split_files_sha256(os.path.join(data_dir, domain, split)) == entry.get("files_sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_split(data_dir, domain, split, records, digests, skipped, info, recipe):
@@ -159,6 +168,7 @@ def write_split(data_dir, domain, split, records, digests, skipped, info, recipe
     finally:
         datasets.enable_progress_bars()
     split_entry = {"path": f"{domain}/{split}", "rows": len(records), "fingerprint": combine(digests),
+                   "files_sha256": vlm.split_files_sha256(partial),  # what training and evaluation check, cheaply
                    "n_skipped": len(skipped), "skipped": skipped, "source": info["split_source"], "recipe": recipe}
     with manifest_transaction(data_dir) as manifest:
         manifest["datasets"].get(domain, {}).get("splits", {}).pop(split, None)
@@ -427,22 +437,28 @@ def synthetic_example(domain, split, index, seed):
     return image, f"{domain}-{split}-{index:05d}", problem, f"<answer>{example['answer']}</answer>", meta
 
 
-def build_synthetic(data_dir, seed, n_train, n_test, force=False):
-    for domain, (_, role, _) in SYNTHETIC.items():
-        sizes = {"train": n_train, "test": n_test} if role == "train" else {"test": n_test}
-        for split, n in sizes.items():
-            recipe = {"source": f"synthetic (seed {seed})", "rows": n, "script_sha256": script_sha256()}
-            if not force and is_up_to_date(data_dir, domain, split, recipe):
-                print(f"{domain}/{split}: up to date")
-                continue
-            records, digests = [], []
-            for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
-                image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed)
-                records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
-                digests.append(record_digest(records[-1], image))
-            info = {"reward": domain, "role": role, "split_source": f"synthetic (seed {seed})"}
-            entry = write_split(data_dir, domain, split, records, digests, [], info, recipe)
-            print(f"{domain}/{split}: {entry['rows']} rows")
+def synthetic_splits(n_train, n_test, only=None):
+    """(domain, split, rows) of the synthetic suite: train and test of the training domains, test of the others;
+    only the `only` split when given."""
+    return [(domain, split, n) for domain, (_, role, _) in SYNTHETIC.items()
+            for split, n in ({"train": n_train, "test": n_test} if role == "train" else {"test": n_test}).items()
+            if only in (None, split)]
+
+
+def build_synthetic(data_dir, seed, splits, force=False):
+    for domain, split, n in splits:
+        recipe = {"source": f"synthetic (seed {seed})", "rows": n, "script_sha256": script_sha256()}
+        if not force and is_up_to_date(data_dir, domain, split, recipe):
+            print(f"{domain}/{split}: up to date")
+            continue
+        records, digests = [], []
+        for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
+            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed)
+            records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
+            digests.append(record_digest(records[-1], image))
+        info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": f"synthetic (seed {seed})"}
+        entry = write_split(data_dir, domain, split, records, digests, [], info, recipe)
+        print(f"{domain}/{split}: {entry['rows']} rows")
 
 
 def contact_sheet(path, seed, per_domain=4):
@@ -848,10 +864,29 @@ def load_raw(source):
             return raw[source.split]
         return raw
     split = source.split
-    names = datasets.get_dataset_split_names(source.name, source.config)
-    if split not in names and len(names) == 1:
-        split = names[0]
-    return datasets.load_dataset(source.name, source.config, split=split)
+    try:
+        names = datasets.get_dataset_split_names(source.name, source.config)
+        if split not in names and len(names) == 1:
+            split = names[0]
+        return datasets.load_dataset(source.name, source.config, split=split)
+    except (ConnectionError, FileNotFoundError) as e:  # what datasets raises offline or for an unknown name
+        raise SystemExit(f"error: cannot read {source.name}: {e} (give a local copy with --source, or reach the "
+                         "hub)") from None
+
+
+def is_missing_folder(name):
+    """A --source that can only be a local path (absolute, ./ or ../, or more than owner/name) and is not there."""
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") != 1
+    return looks_local and not os.path.exists(name)
+
+
+def mark_pending(data_dir, splits, pending):
+    """The manifest's "pending_splits": what a prepare_data.py run set out to build and has not finished. A killed
+    run leaves its splits there, and training and evaluation refuse such a manifest (vlm.load_manifest) instead of
+    using the splits it happened to list; the same command run again finishes them and clears them."""
+    with manifest_transaction(data_dir) as manifest:
+        listed = set(manifest.get("pending_splits", []))
+        manifest["pending_splits"] = sorted(listed | set(splits) if pending else listed - set(splits))
 
 
 def convert_row(row, index, domain, split, source):
@@ -949,11 +984,16 @@ def main(argv=None):
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
+    for option in ("n_train", "n_test"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be at least 1 (got {getattr(args, option)})")
 
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, args.seed)
         return
     names = [d for name in args.dataset for d in GROUPS.get(name, [name])]
+    if "synthetic" in names and args.split not in (None, "train", "test"):
+        p.error(f"the synthetic suite has no split '{args.split}' (it has train, test)")
     jobs = []
     for name in dict.fromkeys(names):
         if name == "synthetic":
@@ -966,12 +1006,22 @@ def main(argv=None):
         if len(jobs) != 1 or "synthetic" in names:
             p.error("--source replaces the source of one dataset split: name one dataset (and --split if it has "
                     "several)")
+        if is_missing_folder(args.source):
+            p.error(f"--source {args.source}: no such folder (and not a hub name owner/name)")
         name, split, s = jobs[0]
         jobs = [(name, split, Source(args.source, s.config, s.split))]
-    if "synthetic" in names:
-        build_synthetic(args.data_dir, args.seed, args.n_train, args.n_test, force=args.force)
-    for name, split, source in jobs:
-        convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
+    synthetic = synthetic_splits(args.n_train, args.n_test, args.split) if "synthetic" in names else []
+    planned = [f"{domain}/{split}" for domain, split, _ in synthetic] + [f"{name}/{split}" for name, split, _ in jobs]
+    mark_pending(args.data_dir, planned, True)
+    try:
+        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force)
+        for name, split, source in jobs:
+            convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
+    except (Exception, SystemExit):  # an error on screen: the manifest lists what was built (a kill or Ctrl-C, which
+        # can go unnoticed, leaves the rest pending)
+        mark_pending(args.data_dir, planned, False)
+        raise
+    mark_pending(args.data_dir, planned, False)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ import sys
 import threading
 from typing import NamedTuple
 
+import numpy as np
+
 # ----------------------------------------------------------------------------------------------------------------
 # The router: domain -> [(reward name, weight)], the paper's weights.
 
@@ -491,6 +493,40 @@ def iou_reward(completion, solution, meta=None, *, iou_threshold=None):
     return _iou_score(extract_answer(completion), truth, meta, iou_threshold)
 
 
+def _overlapping_truths(predicted_boxes, truth_boxes):
+    """For each predicted box, [(truth index, IoU)] of the truth boxes it overlaps with IoU > DETECTION_MATCH_IOU,
+    indices ascending. numpy computes every pair with the operations of iou(), in its order, so the values are
+    bit-identical; the few pairs whose union overflows a float take iou()'s own path. A pure-Python loop over the
+    pairs took 14 s for a completion of 3,000 boxes; this is linear in the pairs at numpy speed, in row blocks of
+    ~1M pairs so memory stays bounded."""
+    truth = np.array(truth_boxes, dtype=np.float64).reshape(-1, 4)
+    t_valid = np.isfinite(truth).all(1) & (truth[:, 2] > truth[:, 0]) & (truth[:, 3] > truth[:, 1])
+    rows = max(1, 2 ** 20 // max(1, len(truth_boxes)))
+    candidates = []
+    with np.errstate(all="ignore"):  # overflow and inf - inf are masked below, as iou() rejects them
+        t_area = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
+        for start in range(0, len(predicted_boxes), rows):
+            pred = np.array(predicted_boxes[start:start + rows], dtype=np.float64).reshape(-1, 4)
+            p_valid = np.isfinite(pred).all(1) & (pred[:, 2] > pred[:, 0]) & (pred[:, 3] > pred[:, 1])
+            p_area = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+            width = np.maximum(0.0, np.minimum(pred[:, None, 2], truth[None, :, 2]) -
+                               np.maximum(pred[:, None, 0], truth[None, :, 0]))
+            height = np.maximum(0.0, np.minimum(pred[:, None, 3], truth[None, :, 3]) -
+                                np.maximum(pred[:, None, 1], truth[None, :, 1]))
+            intersection = width * height
+            union = p_area[:, None] + t_area[None, :] - intersection
+            scored = (p_valid[:, None] & t_valid[None, :] & (intersection > 0.0) &
+                      np.isfinite(p_area)[:, None] & np.isfinite(t_area)[None, :])
+            ratio = intersection / union
+            value = np.where(scored & np.isfinite(union) & np.isfinite(ratio), np.minimum(1.0, ratio), 0.0)
+            for i, j in zip(*np.nonzero(scored & ~np.isfinite(union))):  # iou()'s rescaled path
+                value[i, j] = iou(predicted_boxes[start + i], truth_boxes[j])
+            for row in value:
+                hits = np.nonzero(row > DETECTION_MATCH_IOU)[0]
+                candidates.append([(int(j), float(row[j])) for j in hits])
+    return candidates
+
+
 def _detection_score(answer, truth_boxes, meta):
     if answer is None:
         return 0.0
@@ -503,13 +539,11 @@ def _detection_score(answer, truth_boxes, meta):
         return 1.0 if not predicted else 0.0
     predicted.sort(key=lambda pair: -pair[1])  # stable: equal confidences keep answer order
     matched, total = set(), 0.0
-    for box, _ in predicted:
+    for candidates in _overlapping_truths([box for box, _ in predicted], truth_boxes):
         best, best_iou = None, DETECTION_MATCH_IOU
-        for index, truth_box in enumerate(truth_boxes):
-            if index not in matched:
-                value = iou(box, truth_box)
-                if value > best_iou:
-                    best, best_iou = index, value
+        for index, value in candidates:  # the unmatched truth of highest IoU; ties: the first
+            if index not in matched and value > best_iou:
+                best, best_iou = index, value
         if best is not None:
             matched.add(best)
             total += best_iou

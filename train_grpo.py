@@ -1,7 +1,7 @@
 """
 GRPO on a mixture of vision-language datasets with verifiable rewards (MoDoMoDo, arXiv 2505.24871).
 
-    python prepare_data.py && python train_grpo.py             # tiny Qwen2-VL, synthetic suite, CPU, minutes
+    python prepare_data.py && python cold_start.py && python train_grpo.py   # tiny Qwen2-VL, synthetic suite, CPU
     python train_grpo.py config/paper_qwen2vl_2b.json --mixture=out/predict/mixtures.json
     torchrun --nproc_per_node 7 train_grpo.py config/paper_qwen2vl_2b.json
     accelerate launch --config_file config/accelerate_zero3.yaml train_grpo.py config/paper_qwen2vl_2b.json
@@ -22,13 +22,17 @@ example of it. `interleave_under` ends training when the picked domain is exhaus
 reshuffles it. The whole sampling schedule is a function of (seed, mixture, dataset sizes), so resuming at step k
 replays exactly the data an uninterrupted run would have seen.
 
-Outputs in out_dir: config.json, metrics.jsonl (one line per step), samples.jsonl, ckpt-NNNNNN/ folders
-(save_pretrained weights that plain transformers loads + trainer/ with optimizer, scheduler and RNG states,
-checksums.json written last: a folder without a valid one is incomplete and is never loaded).
+Model: init_from, by default cold_start.py's output (the tiny model after its supervised cold start); the model
+itself (loading, prompts, sampling, the log-probs of completions) is vlm.py's.
+
+Outputs in out_dir: config.json, metrics.jsonl (one line per step; also to Weights & Biases with wandb_log),
+samples.jsonl, ckpt-NNNNNN/ folders (save_pretrained weights that plain transformers loads + trainer/ with
+optimizer, scheduler and RNG states, checksums.json written last: a folder without a valid one is incomplete and
+is never loaded).
 """
 import contextlib
 import copy
-import hashlib
+import itertools
 import json
 import math
 import os
@@ -50,21 +54,17 @@ import vlm
 # --- config -----------------------------------------------------------------------------------------------
 # Defaults are the embedded CPU run (tiny model, synthetic suite); every GRPO setting that does not depend on
 # scale is the paper's. Where the CPU run differs from the paper the comment says "paper: ...".
-# Override: python train_grpo.py [config.json ...] [--key=value ...]
+# Override: python train_grpo.py [config.json ...] [--key=value ...]; main() then reads each by its name.
 # I/O
 out_dir = "out/grpo"              # checkpoints, metrics.jsonl, samples.jsonl, config.json
 data_dir = "data"                 # prepare_data.py output: manifest.json + one folder per domain/split
 resume = False                    # continue from the last complete checkpoint in out_dir
 seed = 0
 # model
-init_from = "tiny"                # "tiny", a hub name (Qwen/Qwen2-VL-2B-Instruct) or a save_pretrained folder
+init_from = "out/cold_start"      # cold_start.py's output (default), "tiny", a hub name
+                                  # (Qwen/Qwen2-VL-2B-Instruct, paper: no cold start) or a save_pretrained folder
 freeze_vision = True              # the vision tower is not trained (paper)
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
-# supervised cold start: a random tiny model earns no reward, so it first imitates the reference answers
-cold_start_steps = 300            # 0: none (paper: none, Qwen2-VL-Instruct already follows the format)
-cold_start_dir = "out/cold_start" # cached result, reused by every run with the same cold-start settings
-cold_start_batch = 16
-cold_start_lr = 3e-3
 # data mixture
 mixture = "uniform"               # "uniform", '{"syn_count": 2, "syn_ground": 1}', a {domain: w} JSON file,
                                   # or predict_mixture.py's mixtures.json
@@ -104,16 +104,24 @@ vllm_logprobs = False             # diagnostic: log the mean |trainer - vLLM| lo
 # logging and checkpoints
 log_samples_every = 20            # write a few completions to samples.jsonl every N steps
 checkpoint_every = 50             # and at the end
+wandb_log = False                 # also log metrics.jsonl's lines to Weights & Biases (WANDB_MODE=offline: no network)
+wandb_project = "modomodo"
+wandb_run_name = "grpo"
 # --- end config -------------------------------------------------------------------------------------------
 
 CONFIG_KEYS = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str)) and k != "CONFIG_KEYS"]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 
 
-def print_help():
-    src = open(__file__).read()
+# ----------------------------------------------------------------------------------------------------------
+# settings: the globals above, overridden in place (as nanoGPT's configurator.py does); cold_start.py reads its
+# own the same way
+
+def print_help(script_file, doc):
+    src = open(script_file).read()
     block = src[src.index("# --- config"):src.index("# --- end config")]
-    print(__doc__.strip().split("\n\n")[0], "\n\nSettings (defaults):\n")
+    print(doc.strip().split("\n\n")[0], "\n\nSettings (defaults):\n")
     print("\n".join(block.splitlines()[1:]))
 
 
@@ -125,9 +133,9 @@ def parse_value(text):
         return text
 
 
-def set_config(config, key, value, where):
+def set_config(config, key, value, where, script):
     if key not in config:
-        raise SystemExit(f"error: unknown setting '{key}' ({where}); see python train_grpo.py --help")
+        raise SystemExit(f"error: unknown setting '{key}' ({where}); see python {script} --help")
     default = config[key]
     if isinstance(value, dict) and isinstance(default, str):
         value = json.dumps(value)  # a mixture given inline in a JSON config file
@@ -138,16 +146,17 @@ def set_config(config, key, value, where):
     config[key] = value
 
 
-def parse_config(argv):
-    """Defaults above, then JSON config files, then --key=value, in the order given."""
-    config = {k: globals()[k] for k in CONFIG_KEYS}
+def read_settings(argv, defaults, script_file, doc):
+    """defaults, then JSON config files, then --key=value, in the order given; -h prints the script's settings."""
+    config = dict(defaults)
+    script = os.path.basename(script_file)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print_help()
+            print_help(script_file, doc)
             sys.exit(0)
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
-            set_config(config, key, parse_value(text) if has_value else True, arg)
+            set_config(config, key, parse_value(text) if has_value else True, arg, script)
         else:
             try:
                 with open(arg) as f:
@@ -156,7 +165,13 @@ def parse_config(argv):
                 raise SystemExit(f"error: cannot read config file {arg}: {e}")
             for key, value in overrides.items():
                 if not key.startswith("_"):  # "_comment" and the like document a config file
-                    set_config(config, key, value, arg)
+                    set_config(config, key, value, arg, script)
+    return config
+
+
+def parse_config(argv):
+    """This script's settings from argv (read_settings), checked."""
+    config = read_settings(argv, DEFAULTS, __file__, __doc__)
     for key, allowed in [("sampling", ("interleave_under", "with_replacement")),
                          ("loss_type", ("token", "sequence", "dr_grpo")),
                          ("reward_format_mode", ("strict", "lenient"))]:
@@ -174,11 +189,10 @@ def parse_config(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data: manifest, mixture, sampling schedule
+# data: manifest, mixture, sampling schedule, and which completion is whose
 
 def load_train_split(data_dir, manifest, domain):
-    from datasets import load_from_disk
-    return load_from_disk(os.path.join(data_dir, manifest["datasets"][domain]["splits"]["train"]["path"]))
+    return vlm.open_split(data_dir, manifest, domain, "train")
 
 
 def training_domains(manifest):
@@ -247,12 +261,19 @@ def build_schedule(weights, sizes, prompts_per_step, max_steps, sampling, seed):
     return schedule
 
 
-def local_slots(prompts_per_step, num_generations, rank, world):
-    """The (prompt, generation) pairs this process owns: the step's prompts x G completions split evenly, in
-    order, so gathering per-process results in rank order restores whole groups."""
-    slots = [(p, g) for p in range(prompts_per_step) for g in range(num_generations)]
-    per = len(slots) // world
-    return slots[rank * per:(rank + 1) * per]
+def group_layout(prompts_per_step, num_generations, rank, world, micro_batch_size):
+    """The one rule of who owns which completion. A step has prompts_per_step x G completions; completion i
+    answers prompt i // G, so a group is G consecutive completions. They are split evenly, in order, over the
+    processes (a group may span processes, as in TRL), so gathering per-process results in rank order restores
+    whole groups. Returns this process's completion indices (a range) and the prompt each answers."""
+    n_completions = prompts_per_step * num_generations
+    per = n_completions // world
+    if n_completions % world or (micro_batch_size and per % micro_batch_size):
+        raise SystemExit(f"error: a step's {n_completions} completions (prompts_per_step x num_generations) must "
+                         f"split evenly over {world} process(es) into micro-batches of micro_batch_size="
+                         f"{micro_batch_size}")
+    owned = range(rank * per, (rank + 1) * per)
+    return owned, [i // num_generations for i in owned]
 
 
 def record_fields(record):
@@ -300,54 +321,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon_low, epsilon_h
     stats = {"kl": ((kl * mask).sum() / n_tokens).item(),
              "clip_fraction": ((is_clipped.to(mask.dtype) * mask).sum() / n_tokens).item()}
     return loss, stats
-
-
-def selective_log_softmax(logits, ids):
-    """log softmax(logits)[ids] row by row, never materialising the full (B, T, V) log-probabilities."""
-    out = []
-    for row_logits, row_ids in zip(logits, ids):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out)
-
-
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature, prompt_of_row=None):
-    """Per-token log-probs of the completions given their prompts. prompts: left-padded, one row per distinct
-    prompt; prompt_of_row[i]: the prompt row of completion i (default: row i).
-
-    Each prompt (and its image) goes through the model once; its KV cache is copied to its completions, which
-    then run on top of it. The G completions of a prompt share its positions and attention states, so this is
-    the same computation as running prompt + completion G times, and the gradient through the copies is the
-    sum the G runs would give, at a fraction of the tokens (a prompt is longer than a completion here).
-    """
-    from accelerate.utils import extract_model_from_parallel
-    if prompt_of_row is None:
-        prompt_of_row = torch.arange(len(completion_ids), device=completion_ids.device)
-    positions = vlm.prompt_position_ids(extract_model_from_parallel(model), prompts)  # DDP hides .model
-    out = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logits = out.logits[prompt_of_row]  # the last prompt position predicts the first completion token
-    n = completion_ids.shape[1]
-    if n > 1:  # the other completion tokens, on top of the prompt's cache; the last one predicts nothing needed
-        cache = out.past_key_values
-        cache.reorder_cache(prompt_of_row)
-        attention_mask = torch.cat([prompts["attention_mask"][prompt_of_row], completion_mask[:, :-1]], dim=1)
-        steps = torch.arange(1, n, device=positions.device)
-        out = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, past_key_values=cache,
-                    position_ids=positions[:, prompt_of_row, -1:] + steps, use_cache=True)
-        logits = torch.cat([logits, out.logits], dim=1)
-    return selective_log_softmax(logits / temperature, completion_ids)
-
-
-def pad_completions(completions, pad_id, device):
-    """Right-padded (B, T) ids and mask; T = the longest completion (>= 1)."""
-    length = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(completions), length), dtype=torch.long)
-    for i, c in enumerate(completions):
-        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(c)] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,84 +376,22 @@ def skip_model_weights_in_trainer_state(accelerator):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# supervised cold start (the tiny model only needs it; real Instruct models already follow the format)
+# model, rollouts, the update's inputs
 
-def reference_completion(solution, meta):
-    answer = rewards.extract_answer(solution)
-    answer = solution if answer is None else answer
-    return f"<think>\n{meta.get('rationale', '')}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
-
-
-def cold_start(config, manifest, datasets, accelerator, log):
-    """Supervised steps on the reference answers of every training domain (uniformly, so the base does not
-    depend on the mixture under study). Cached in cold_start_dir and reused when the settings match."""
-    key_fields = {k: config[k] for k in ("init_from", "cold_start_steps", "cold_start_batch", "cold_start_lr",
-                                         "seed", "max_pixels", "max_prompt_length")}
-    key_fields["data"] = {d: manifest["datasets"][d]["splits"]["train"]["fingerprint"] for d in sorted(datasets)}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    folder = config["cold_start_dir"]
-    info_path = os.path.join(folder, "cold_start.json")
-    if vlm.checkpoint_problem(folder) is None and os.path.isfile(info_path):
-        with open(info_path) as f:
-            if json.load(f).get("key") == key:
-                log(f"cold start: reusing {folder}")
-                return folder
-    if accelerator.is_main_process:
-        _run_cold_start(config, datasets, folder, key, key_fields, log)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-def _run_cold_start(config, datasets, folder, key, key_fields, log):
-    torch.manual_seed(config["seed"])
-    model, tokenizer, image_processor = load_model(config)
-    model.requires_grad_(True)  # the vision tower too: a randomly initialised one must learn to see
-    model.train()
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config["cold_start_lr"], weight_decay=0.0)
-    steps = config["cold_start_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    rng = np.random.default_rng(config["seed"] + 1)
-    domains = sorted(datasets)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    bar = tqdm(range(steps), desc="cold start", dynamic_ncols=True)
-    for _ in bar:
-        picks = [(d, int(rng.integers(len(datasets[d])))) for d in rng.choice(domains, config["cold_start_batch"])]
-        problems, images, targets = [], [], []
-        for d, row in picks:
-            problem, image, solution, _, meta = record_fields(datasets[d][row])
-            problems.append(problem)
-            images.append(image)
-            targets.append(tokenizer.encode(reference_completion(solution, meta), add_special_tokens=False) + [eos])
-        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, config["max_prompt_length"])
-        ids, mask = pad_completions(targets, tokenizer.pad_token_id, "cpu")
-        logp = completion_logprobs(model, prompts, ids, mask, temperature=1.0)
-        loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vlm.save_policy(model, tokenizer, image_processor, tmp)
-    with open(os.path.join(tmp, "cold_start.json"), "w") as f:
-        json.dump({"key": key, "settings": key_fields, "final_loss": loss.item()}, f, indent=1)
-    vlm.write_checksums(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    log(f"cold start: {steps} steps, final loss {loss.item():.3f}, saved {folder}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# model, rollouts
-
-def load_model(config, path=None):
-    model, tokenizer, image_processor = vlm.load_policy(path or config["init_from"], seed=config["seed"])
-    if config["max_pixels"]:
-        image_processor.size["longest_edge"] = config["max_pixels"]
-    if config["freeze_vision"]:
+def load_start_model(init_from, seed, max_pixels, freeze_vision):
+    """The policy to start from: cold_start.py's output by default. A missing local folder or an interrupted
+    one is a one-line error (before anything else loads), not a hub lookup."""
+    local = init_from.startswith((".", "/")) or init_from == DEFAULTS["init_from"] or \
+        os.path.isdir(init_from.split("/")[0])
+    if local and not os.path.isdir(init_from):
+        hint = "run `python cold_start.py` first" if init_from == DEFAULTS["init_from"] else "check --init_from"
+        raise SystemExit(f"error: init_from={init_from} is not a folder: {hint} (or set --init_from=tiny, a hub "
+                         "model or a save_pretrained folder)")
+    problem = vlm.checkpoint_problem(init_from) if os.path.isdir(init_from) else None
+    if problem and os.path.isfile(os.path.join(init_from, vlm.CHECKSUMS)):
+        raise SystemExit(f"error: init_from={init_from} is {problem}; rerun the stage that wrote it")
+    model, tokenizer, image_processor = vlm.load_policy(init_from, seed=seed, max_pixels=max_pixels)
+    if freeze_vision:
         model.model.visual.requires_grad_(False)
     return model, tokenizer, image_processor
 
@@ -503,43 +414,45 @@ def full_weights(accelerator, model):
         yield unwrapped
 
 
-def distinct_prompts(tokenizer, image_processor, records, slots, max_prompt_length=None):
-    """Model inputs of each distinct prompt among the slots (in order), and the row of each slot's prompt in them.
-    Slots are grouped by prompt, so a prompt's G completions share one encoding of it (and of its image)."""
-    order = list(dict.fromkeys(p for p, _ in slots))
+def distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length=None):
+    """Model inputs of each distinct prompt among prompt_of (in order), and the row of each completion's prompt
+    in them: a prompt's completions share one encoding of it (and of its image)."""
+    order = list(dict.fromkeys(prompt_of))
     batch = vlm.encode_prompts(tokenizer, image_processor, [records[p][0] for p in order],
                                [records[p][1] for p in order], max_prompt_length)
-    return batch, torch.tensor([order.index(p) for p, _ in slots])
+    return batch, torch.tensor([order.index(p) for p in prompt_of])
 
 
-def rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config):
-    """One completion per slot; generation encodes each distinct prompt once for all its completions."""
-    prompts, prompt_of_slot = distinct_prompts(tokenizer, image_processor, records, slots,
-                                               config["max_prompt_length"])
-    with full_weights(accelerator, model) as policy:
-        return vlm.generate(policy, tokenizer, prompts, n=prompt_of_slot.bincount().tolist(),
-                            max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
-                            min_new_tokens=config["max_completion_length"] if config["ignore_eos"] else 0)
+def rollout_hf(accelerator, model, tokenizer, image_processor, records, prompt_of, where, max_prompt_length,
+               max_completion_length, temperature, ignore_eos):
+    """One completion per owned slot, each distinct prompt encoded once for all its completions. A failure on
+    any process stops every process (none waits in a collective for it). Returns (completions, None)."""
+    error = completions = None
+    try:
+        prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, prompt_of, max_prompt_length)
+        with full_weights(accelerator, model) as policy:
+            completions = vlm.generate(policy, tokenizer, prompts, n=prompt_row.bincount().tolist(),
+                                       max_new_tokens=max_completion_length, temperature=temperature,
+                                       min_new_tokens=max_completion_length if ignore_eos else 0)
+    except Exception as e:  # reported on every process, so none waits in a collective for this one
+        error = f"{where}: {type(e).__name__}: {e}"
+    stop_if_any_failed(accelerator, error)
+    return completions, None
 
 
-def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots, config):
-    """The main process asks the server for the step's prompts x G completions (n = G per prompt) and shares
-    them; each process keeps its slots. A server failure is shared too, so no process waits for the others.
-    Returns (completions, vLLM log-probs or None) for this process's slots."""
+def rollout_vllm(accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+                 max_completion_length, temperature, ignore_eos, vllm_logprobs):
+    """The main process asks the server for the step's prompts x G completions (n = G per prompt, in
+    group_layout's order) and shares them; each process keeps the ones it owns. A server failure is shared too,
+    so no process waits for the others. Returns (completions, vLLM log-probs or None) of the owned slots."""
     from accelerate.utils import broadcast_object_list
     result = [None, None, None]  # completions, logprobs, error
     if accelerator.is_main_process:
         try:
-            problems, images = [r[0] for r in records], [r[1] for r in records]
-            prompt_ids = vlm.encode_prompts(tokenizer, image_processor, problems, images,
-                                            config["max_prompt_length"])
-            unpadded = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids["input_ids"],
-                                                                       prompt_ids["attention_mask"])]
-            out = client.generate(problems, images, n=config["num_generations"],
-                                  max_new_tokens=config["max_completion_length"], temperature=config["temperature"],
-                                  prompt_ids=unpadded, suppress_token_ids=vlm.vision_token_ids(tokenizer),
-                                  ignore_eos=config["ignore_eos"], logprobs=config["vllm_logprobs"])
-            result[:2] = out if config["vllm_logprobs"] else (out, None)
+            out = client.generate_for(tokenizer, [r[0] for r in records], [r[1] for r in records], max_prompt_length,
+                                      n=num_generations, max_new_tokens=max_completion_length,
+                                      temperature=temperature, ignore_eos=ignore_eos, logprobs=vllm_logprobs)
+            result[:2] = out if vllm_logprobs else (out, None)
         except Exception as e:  # vlm.VLLMServerError above all; shared so every process stops
             result[2] = f"{type(e).__name__}: {e}"
     if accelerator.num_processes > 1:
@@ -547,9 +460,70 @@ def rollout_vllm(accelerator, client, tokenizer, image_processor, records, slots
     completions, logprobs, error = result
     if error:
         raise TrainingStopped(f"vLLM rollout failed: {error}; the last checkpoint is kept")
-    G = config["num_generations"]
-    mine = [p * G + g for p, g in slots]
-    return [completions[i] for i in mine], (None if logprobs is None else [logprobs[i] for i in mine])
+    return [completions[i] for i in owned], (None if logprobs is None else [logprobs[i] for i in owned])
+
+
+def connect_vllm(accelerator, model, image_processor, url, timeout, retries, sync_dir, log):
+    """The client of a running server (main process only), after a health check and a first weight sync: the
+    server starts from whatever folder it was given, while the policy may be a cold start or a resume."""
+    client, error = None, None
+    if accelerator.is_main_process:
+        client = vlm.VLLMClient(url, image_processor, timeout=timeout, retries=retries)
+        try:
+            log(f"vLLM server at {url} serves {client.check_health(weight_sync=True)['id']}")
+        except vlm.VLLMServerError as e:
+            error = str(e)
+    stop_if_any_failed(accelerator, error)
+    log(f"weights synced to the vLLM server in {sync_vllm_weights(accelerator, model, client, sync_dir):.2f} s")
+    return client
+
+
+def micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records, prompt_of, completions,
+                       rows, temperature, num_iterations):
+    """What one micro-batch (rows: indices among this process's completions) feeds every update of the step: its
+    prompts, padded completions, their advantages' rows, and the log-probs that stay fixed over the num_iterations
+    updates: the reference model's (for the KL) and, when mu > 1, the pre-update policy's (for the ratio)."""
+    prompts, prompt_row = distinct_prompts(tokenizer, image_processor, records, [prompt_of[i] for i in rows])
+    prompts = {name: v.to(accelerator.device) for name, v in prompts.items()}
+    prompt_row = prompt_row.to(accelerator.device)
+    ids, mask = vlm.pad_completions([completions[i] for i in rows], tokenizer.pad_token_id, accelerator.device)
+    with torch.no_grad(), accelerator.autocast():
+        ref_logp = vlm.completion_logprobs(ref_model, prompts, ids, mask, temperature,
+                                           prompt_row) if ref_model is not None else None
+        old_logp = vlm.completion_logprobs(model, prompts, ids, mask, temperature,
+                                           prompt_row) if num_iterations > 1 else None
+    return dict(rows=rows, prompts=prompts, prompt_row=prompt_row, ids=ids, mask=mask, ref_logp=ref_logp,
+                old_logp=old_logp)
+
+
+def server_logprob_gap(logp, server_logprobs, rows, mask):
+    """Mean |trainer - vLLM| log-prob over the sampled tokens of a micro-batch (the vllm_logprobs diagnostic)."""
+    served = torch.zeros_like(logp)  # not pad_completions: its integer tensor truncates them
+    for row, i in enumerate(rows):
+        served[row, :len(server_logprobs[i])] = torch.tensor(server_logprobs[i])
+    return (((logp.detach() - served).abs() * mask).sum() / mask.sum()).item()
+
+
+def optimizer_step(accelerator, optimizer, scheduler, params, grad_clip, losses, step, timings):
+    """Clip, step, zero; a non-finite loss, gradient or weight stops the run (the last good checkpoint stays).
+    Returns the gradient norm before clipping."""
+    with timed(timings, "optimizer"):
+        return _optimizer_step(accelerator, optimizer, scheduler, params, grad_clip, losses, step)
+
+
+def _optimizer_step(accelerator, optimizer, scheduler, params, grad_clip, losses, step):
+    grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip))
+    if not math.isfinite(grad_norm) or not all(math.isfinite(x) for x in losses):
+        # gradients are all-reduced, so every process sees the same non-finite norm and stops here
+        raise TrainingStopped(f"non-finite loss or gradient at step {step + 1} (loss {losses}, grad norm "
+                              f"{grad_norm}); the last good checkpoint is kept")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(p).all() for p in params):
+        raise TrainingStopped(f"non-finite weights after the update of step {step + 1}; the last good "
+                              "checkpoint is kept")
+    return grad_norm
 
 
 def sync_vllm_weights(accelerator, model, client, sync_dir):
@@ -595,11 +569,24 @@ def lr_lambda(warmup, total):
     return factor
 
 
-def score_completions(texts, records, config):
+def score_completions(texts, records, gate_on_format, format_mode):
     """rewards.score of each completion against the record it answers."""
-    options = dict(gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"])
-    return [rewards.score(text, solution, domain, meta, **options)
+    return [rewards.score(text, solution, domain, meta, gate_on_format=gate_on_format, format_mode=format_mode)
             for text, (_, _, solution, domain, meta) in zip(texts, records)]
+
+
+def check_finite_rewards(accelerator, scores, ids, step):
+    bad = [i for i, s in enumerate(scores) if not all(math.isfinite(v) for v in s.values())]
+    stop_if_any_failed(accelerator, f"non-finite reward at step {step + 1} for record {ids[bad[0]]}: "
+                                    f"{scores[bad[0]]}" if bad else None)
+
+
+@contextlib.contextmanager
+def timed(timings, key):
+    """Adds the seconds the block takes to timings[key] (the t_* fields of metrics.jsonl)."""
+    start = time.perf_counter()
+    yield
+    timings[key] += time.perf_counter() - start
 
 
 def mean(values):
@@ -607,14 +594,75 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def step_metrics(all_scores, all_domains, all_lengths):
-    m = {"reward": mean(s["total"] for s in all_scores),
-         "completion_length": mean(all_lengths)}
+def step_metrics(step, gathered, grad_norms, lr, timings, vllm_logprobs):
+    """One metrics.jsonl line from every process's (scores, domains, lengths, losses, kls, clip fractions,
+    vLLM log-prob gaps) of the step."""
+    all_scores = [s for g in gathered for s in g[0]]
+    all_domains = [d for g in gathered for d in g[1]]
+    all_lengths = [n for g in gathered for n in g[2]]
+    m = {"step": step, "loss": mean(mean(g[3]) for g in gathered), "kl": mean(mean(g[4]) for g in gathered),
+         "clip_fraction": mean(mean(g[5]) for g in gathered), "grad_norm": mean(grad_norms), "lr": lr,
+         "reward": mean(s["total"] for s in all_scores), "completion_length": mean(all_lengths)}
     for d in sorted(set(all_domains)):
         m[f"reward/{d}"] = mean(s["total"] for s, dd in zip(all_scores, all_domains) if dd == d)
     for name in sorted({k for s in all_scores for k in s if k != "total"}):
         m[f"reward_fn/{name}"] = mean(s[name] for s in all_scores if name in s)
+    m["samples_per_s"] = len(all_scores) / timings["step"]
+    m["tokens_per_s"] = sum(all_lengths) / timings["step"]
+    m.update({f"t_{key}": seconds for key, seconds in timings.items()})
+    if vllm_logprobs:
+        m["vllm_logprob_abs_diff"] = mean(d for g in gathered for d in g[6])
     return m
+
+
+def sample_group(step, ids, records, prompt_of, texts, scores):
+    """The completions (with rewards) of this process's first prompt, for samples.jsonl."""
+    p = prompt_of[0]
+    problem, _, solution, domain, _ = records[p]
+    return {"step": step, "id": ids[p], "domain": domain, "problem": problem, "solution": solution,
+            "completions": [{"text": t, "reward": s} for t, s, q in zip(texts, scores, prompt_of) if q == p]}
+
+
+def start_wandb(project, run_name, run_info):
+    """A Weights & Biases run (the tracker the paper's code logs to) that gets metrics.jsonl's lines; imported
+    only when wandb_log is on, so a plain run needs neither the package nor an account."""
+    import wandb
+    return wandb.init(project=project, name=run_name, config=run_info)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
+    """The step to start from: 0, or with resume the last complete checkpoint's, whose weights, optimizer,
+    scheduler and RNG states are loaded and after which metrics and samples are cut. Writes config.json."""
+    start_step = 0
+    if resume:
+        step, folder = last_good_checkpoint(out_dir, log)
+        if folder is None:
+            raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}")
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            saved = json.load(f)
+        if saved["mixture_weights"] != run_info["mixture_weights"] or \
+                saved["planned_steps"] != run_info["planned_steps"]:
+            raise SystemExit(f"error: {folder} was written by a run with another mixture or schedule; "
+                             "resume with the same settings or start a new out_dir")
+        vlm.load_weights(accelerator.unwrap_model(model), folder)
+        accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
+        start_step = step
+        log(f"resumed from {folder} at step {step}")
+        if accelerator.is_main_process:
+            truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step)
+            truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step)
+    elif accelerator.is_main_process and find_checkpoints(out_dir):
+        raise SystemExit(f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+    if accelerator.is_main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        vlm.write_json_atomic(os.path.join(out_dir, "config.json"), run_info)
+    accelerator.wait_for_everyone()
+    return start_step
 
 
 def truncate_jsonl(path, last_step):
@@ -663,237 +711,134 @@ def plot_metrics(metrics_path, png_path, window=20):
 def main(argv):
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
-
     config = parse_config(argv)
+    globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
     cuda = torch.cuda.is_available()
     # bf16 autocast over fp32 master weights on GPU: a bf16 weight cannot absorb a 1e-6 update.
     # step_scheduler_with_optimizer=False: our schedule counts optimizer updates, not per-process batches.
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
                               step_scheduler_with_optimizer=False)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    log = accelerator.print
+    rank, world, log = accelerator.process_index, accelerator.num_processes, accelerator.print
+    master = accelerator.is_main_process
 
-    # data and schedule
-    manifest = vlm.load_manifest(config["data_dir"])
-    domains = training_domains(manifest)
-    weights = resolve_mixture(config["mixture"], config["mixture_proposal"], domains)
-    datasets = {d: load_train_split(config["data_dir"], manifest, d) for d in weights}
-    G = config["num_generations"]
-    n_completions = config["prompts_per_step"] * G
-    if n_completions % world or (config["micro_batch_size"] and (n_completions // world) % config["micro_batch_size"]):
-        raise SystemExit(f"error: a step's {n_completions} completions (prompts_per_step x num_generations) must "
-                         f"split evenly over {world} process(es) into micro-batches of micro_batch_size="
-                         f"{config['micro_batch_size']}")
-    schedule = build_schedule(weights, {d: len(ds) for d, ds in datasets.items()}, config["prompts_per_step"],
-                              config["max_steps"], config["sampling"], config["seed"])
+    # data: the mixture, and the (domain, row) of every prompt of every step, fixed by the seed
+    manifest = vlm.load_manifest(data_dir)
+    weights = resolve_mixture(mixture, mixture_proposal, training_domains(manifest))
+    datasets = {d: load_train_split(data_dir, manifest, d) for d in weights}
+    schedule = build_schedule(weights, {d: len(ds) for d, ds in datasets.items()}, prompts_per_step, max_steps,
+                              sampling, seed)
     total_steps = len(schedule)
     if total_steps == 0:
         raise SystemExit("error: the mixture exhausts a domain before the first step")
-    slots = local_slots(config["prompts_per_step"], G, rank, world)
+    owned, prompt_of = group_layout(prompts_per_step, num_generations, rank, world, micro_batch_size)
 
-    # model: the cold-start checkpoint (cached) or init_from
-    start_path = None
-    if config["cold_start_steps"] > 0:
-        cold_datasets = {d: load_train_split(config["data_dir"], manifest, d) for d in domains}
-        start_path = cold_start(config, manifest, cold_datasets, accelerator, log)
-    model, tokenizer, image_processor = load_model(config, start_path)
-    ref_model = None
-    if config["beta"] != 0:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
+    # model, frozen reference (beta > 0), AdamW with linear warm-up then linear decay over the updates
+    model, tokenizer, image_processor = load_start_model(init_from, seed, max_pixels, freeze_vision)
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if beta != 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
-    total_updates = total_steps * config["num_iterations"]
-    warmup = max(1, int(config["warmup_ratio"] * total_updates))
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    total_updates = total_steps * num_iterations
+    warmup = max(1, int(warmup_ratio * total_updates))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_updates))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     skip_model_weights_in_trainer_state(accelerator)
+    set_seed(seed + rank)  # a resume then restores every process's RNG state as it was at the checkpoint
 
-    # Seeded after the cold start, so sampling is the same whether it ran now or was reused; a resume then
-    # restores every process's RNG state as it was at the checkpoint.
-    set_seed(config["seed"] + rank)
-
-    # resume
-    out_dir = config["out_dir"]
-    start_step = 0
-    metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "samples.jsonl")
     run_info = {"config": config, "mixture_weights": weights, "planned_steps": total_steps, "processes": world,
-                "start_from": start_path or config["init_from"]}
-    if config["resume"]:
-        step, folder = last_good_checkpoint(out_dir, log)
-        if folder is None:
-            raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}")
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            saved = json.load(f)
-        if saved["mixture_weights"] != weights or saved["planned_steps"] != total_steps:
-            raise SystemExit(f"error: {folder} was written by a run with another mixture or schedule; "
-                             "resume with the same settings or start a new out_dir")
-        vlm.load_weights(accelerator.unwrap_model(model), folder)
-        accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
-        start_step = step
-        log(f"resumed from {folder} at step {step}")
-        if accelerator.is_main_process:
-            truncate_jsonl(metrics_path, step)
-            truncate_jsonl(samples_path, step)
-    elif accelerator.is_main_process and find_checkpoints(out_dir):
-        raise SystemExit(f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
-    if accelerator.is_main_process:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=1)
-    accelerator.wait_for_everyone()
-
-    client, sync_dir = None, config["vllm_sync_dir"] or os.path.join(out_dir, "vllm_weights")
-    if config["rollout_engine"] == "vllm":
-        error = None
-        if accelerator.is_main_process:
-            client = vlm.VLLMClient(config["vllm_url"], image_processor, timeout=config["vllm_timeout"],
-                                    retries=config["vllm_retries"])
-            try:
-                served = client.check_health(weight_sync=True)
-                log(f"vLLM server at {config['vllm_url']} serves {served['id']}")
-            except vlm.VLLMServerError as e:
-                error = str(e)
-        stop_if_any_failed(accelerator, error)
-        # The server starts from whatever folder it was given; the policy may be a cold start or a resume.
-        log(f"weights synced to the vLLM server in {sync_vllm_weights(accelerator, model, client, sync_dir):.2f} s")
+                "start_from": init_from}
+    start_step = start_or_resume(accelerator, model, out_dir, resume, run_info, log)
+    metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "samples.jsonl")
+    sync_dir = vllm_sync_dir or os.path.join(out_dir, "vllm_weights")
+    client = connect_vllm(accelerator, model, image_processor, vllm_url, vllm_timeout, vllm_retries, sync_dir,
+                          log) if rollout_engine == "vllm" else None
+    tracker = start_wandb(wandb_project, wandb_run_name, run_info) if wandb_log and master else None
 
     model.train()
-    pad_id = tokenizer.pad_token_id
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="grpo",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+               disable=not master, dynamic_ncols=True)
     for step in bar:
+        timings = dict.fromkeys(["generate", "reward", "ref_old", "forward_backward", "optimizer", "sync"], 0.0)
         t_step = time.perf_counter()
-        picks = schedule[step]
-        ids = [datasets[d][row]["id"] for d, row in picks]
-        records = [record_fields(datasets[d][row]) for d, row in picks]
-        mine = [records[p] for p, _ in slots]  # the prompt of each completion this process owns
+        ids = [datasets[d][row]["id"] for d, row in schedule[step]]
+        records = [record_fields(datasets[d][row]) for d, row in schedule[step]]
+        my_records = [records[p] for p in prompt_of]  # the record each owned completion answers
 
         # 1. rollouts: one completion per owned slot
-        t0 = time.perf_counter()
-        server_logprobs = None
-        if config["rollout_engine"] == "vllm":
-            completions, server_logprobs = rollout_vllm(accelerator, client, tokenizer, image_processor, records,
-                                                        slots, config)
-        else:
-            error = None
-            try:
-                completions = rollout_hf(accelerator, model, tokenizer, image_processor, records, slots, config)
-            except Exception as e:  # reported on every process, so none waits in a collective for this one
-                error = f"step {step + 1}, records {ids}: {type(e).__name__}: {e}"
-            stop_if_any_failed(accelerator, error)
-        t_generate = time.perf_counter() - t0
+        with timed(timings, "generate"):
+            if rollout_engine == "vllm":
+                completions, server_logprobs = rollout_vllm(
+                    accelerator, client, tokenizer, records, owned, num_generations, max_prompt_length,
+                    max_completion_length, temperature, ignore_eos, vllm_logprobs)
+            else:
+                completions, server_logprobs = rollout_hf(
+                    accelerator, model, tokenizer, image_processor, records, prompt_of,
+                    f"step {step + 1}, records {ids}", max_prompt_length, max_completion_length, temperature,
+                    ignore_eos)
 
-        # 2. rewards here, advantages over whole groups (gathered from every process)
-        t0 = time.perf_counter()
-        texts = [vlm.decode(tokenizer, c) for c in completions]
-        scores = score_completions(texts, mine, config)
-        bad = [i for i, s in enumerate(scores) if not all(math.isfinite(v) for v in s.values())]
-        stop_if_any_failed(accelerator, f"non-finite reward at step {step + 1} for record {ids[slots[bad[0]][0]]}:"
-                                        f" {scores[bad[0]]}" if bad else None)
-        totals = accelerator.gather(torch.tensor([s["total"] for s in scores], device=accelerator.device)).cpu()
-        advantages = group_advantages(totals.view(-1, G), config["scale_rewards"]).view(-1)
-        advantages = advantages[rank * len(slots):(rank + 1) * len(slots)]
-        t_reward = time.perf_counter() - t0
+        # 2. rewards here; advantages over whole groups, gathered from every process
+        with timed(timings, "reward"):
+            texts = [vlm.decode(tokenizer, c) for c in completions]
+            scores = score_completions(texts, my_records, reward_gate_on_format, reward_format_mode)
+            check_finite_rewards(accelerator, scores, [ids[p] for p in prompt_of], step)
+            totals = accelerator.gather(torch.tensor([s["total"] for s in scores], device=accelerator.device)).cpu()
+            advantages = group_advantages(totals.view(-1, num_generations), scale_rewards).view(-1)
+            advantages = advantages[owned.start:owned.stop]
 
-        # 3. policy update(s): num_iterations optimizer updates over the same rollouts
+        # 3. the inputs of every micro-batch, with the log-probs that stay fixed over the updates (reference, old)
         lr = scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
-        t_ref_old = t_fwd_bwd = t_opt = 0.0
-        size = config["micro_batch_size"] or len(slots)
-        micro_batches = [list(range(i, i + size)) for i in range(0, len(slots), size)]
-        cached = {}  # micro-batch index -> (prompts, prompt_of_row, ids, mask, ref_logp, old_logp)
-        losses, kls, clips, grad_norms, server_diffs = [], [], [], [], []
-        for iteration in range(config["num_iterations"]):
-            for k, mb in enumerate(micro_batches):
-                if k not in cached:
-                    t0 = time.perf_counter()
-                    mb_prompts, prompt_of_row = distinct_prompts(tokenizer, image_processor, records,
-                                                                 [slots[i] for i in mb])
-                    mb_prompts = {n: v.to(accelerator.device) for n, v in mb_prompts.items()}
-                    prompt_of_row = prompt_of_row.to(accelerator.device)
-                    c_ids, c_mask = pad_completions([completions[i] for i in mb], pad_id, accelerator.device)
-                    with torch.no_grad(), accelerator.autocast():
-                        ref_logp = completion_logprobs(ref_model, mb_prompts, c_ids, c_mask, config["temperature"],
-                                                       prompt_of_row) if ref_model is not None else None
-                        old_logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
-                                                       prompt_of_row) if config["num_iterations"] > 1 else None
-                    cached[k] = (mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp)
-                    t_ref_old += time.perf_counter() - t0
-                mb_prompts, prompt_of_row, c_ids, c_mask, ref_logp, old_logp = cached[k]
-                t0 = time.perf_counter()
-                last = k == len(micro_batches) - 1
-                with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-                    logp = completion_logprobs(model, mb_prompts, c_ids, c_mask, config["temperature"],
-                                               prompt_of_row)
-                    loss, stats = grpo_loss(
-                        logp, old_logp if old_logp is not None else logp.detach(),
-                        ref_logp if ref_logp is not None else logp.detach(),
-                        advantages[mb].to(logp.device), c_mask, config["epsilon_low"], config["epsilon_high"],
-                        config["beta"], config["loss_type"], config["max_completion_length"])
-                    accelerator.backward(loss / len(micro_batches))
-                if server_logprobs is not None and iteration == 0:  # the weights that generated them
-                    served = torch.zeros_like(logp)  # not pad_completions: its integer tensor truncates them
-                    for row, i in enumerate(mb):
-                        served[row, :len(server_logprobs[i])] = torch.tensor(server_logprobs[i])
-                    diff = ((logp.detach() - served).abs() * c_mask).sum() / c_mask.sum()
-                    server_diffs.append(diff.item())
-                losses.append(loss.item())
-                kls.append(stats["kl"])
-                clips.append(stats["clip_fraction"])
-                t_fwd_bwd += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            grad_norm = float(accelerator.clip_grad_norm_(params, config["grad_clip"]))
-            grad_norms.append(grad_norm)
-            if not math.isfinite(grad_norm) or not all(math.isfinite(x) for x in losses):
-                # gradients are all-reduced, so every process sees the same non-finite norm and stops here
-                raise TrainingStopped(f"non-finite loss or gradient at step {step + 1} (loss {losses}, grad norm "
-                                      f"{grad_norm}); the last good checkpoint is kept")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not all(torch.isfinite(p).all() for p in params):
-                raise TrainingStopped(f"non-finite weights after the update of step {step + 1}; the last good "
-                                      "checkpoint is kept")
-            t_opt += time.perf_counter() - t0
+        size = micro_batch_size or len(owned)
+        with timed(timings, "ref_old"):
+            batches = [micro_batch_inputs(accelerator, model, ref_model, tokenizer, image_processor, records,
+                                          prompt_of, completions, range(i, i + size), temperature, num_iterations)
+                       for i in range(0, len(owned), size)]
 
-        t_sync = 0.0
-        if config["rollout_engine"] == "vllm" and ((step + 1) % config["vllm_sync_every"] == 0) \
-                and step + 1 < total_steps:
-            t_sync = sync_vllm_weights(accelerator, model, client, sync_dir)
+        # 4. num_iterations optimizer updates over the same rollouts, gradients accumulated over the micro-batches
+        losses, kls, clips, grad_norms, server_gaps = [], [], [], [], []
+        for iteration, k in itertools.product(range(num_iterations), range(len(batches))):
+            b, last = batches[k], k == len(batches) - 1
+            # under DDP, gradients are all-reduced only at the last micro-batch of an update (no_sync before it)
+            with timed(timings, "forward_backward"), \
+                    (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+                logp = vlm.completion_logprobs(model, b["prompts"], b["ids"], b["mask"], temperature, b["prompt_row"])
+                loss, stats = grpo_loss(
+                    logp=logp, old_logp=logp.detach() if b["old_logp"] is None else b["old_logp"],
+                    ref_logp=logp.detach() if b["ref_logp"] is None else b["ref_logp"],
+                    advantages=advantages[b["rows"].start:b["rows"].stop].to(logp.device), mask=b["mask"],
+                    epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+                    max_completion_length=max_completion_length)
+                accelerator.backward(loss / len(batches))
+            if server_logprobs is not None and iteration == 0:  # the weights that generated them
+                server_gaps.append(server_logprob_gap(logp, server_logprobs, b["rows"], b["mask"]))
+            losses.append(loss.item())
+            kls.append(stats["kl"])
+            clips.append(stats["clip_fraction"])
+            if last:  # the update, timed as t_optimizer
+                grad_norms.append(optimizer_step(accelerator, optimizer, scheduler, params, grad_clip, losses, step,
+                                                 timings))
+        if rollout_engine == "vllm" and (step + 1) % vllm_sync_every == 0 and step + 1 < total_steps:
+            with timed(timings, "sync"):
+                sync_vllm_weights(accelerator, model, client, sync_dir)
 
-        # 4. metrics, samples, checkpoint
-        lengths = [len(c) for c in completions]
-        mine_stats = (scores, [r[3] for r in mine], lengths, mean(losses), mean(kls), mean(clips), server_diffs)
-        gathered = gather_object([mine_stats]) if world > 1 else [mine_stats]
-        t_total = time.perf_counter() - t_step
-        if accelerator.is_main_process:
-            all_scores = [s for g in gathered for s in g[0]]
-            all_domains = [d for g in gathered for d in g[1]]
-            all_lengths = [n for g in gathered for n in g[2]]
-            metrics = {"step": step + 1, "loss": mean(g[3] for g in gathered), "kl": mean(g[4] for g in gathered),
-                       "clip_fraction": mean(g[5] for g in gathered), "grad_norm": mean(grad_norms),
-                       "lr": lr, **step_metrics(all_scores, all_domains, all_lengths),
-                       "samples_per_s": len(all_scores) / t_total, "tokens_per_s": sum(all_lengths) / t_total,
-                       "t_generate": t_generate, "t_reward": t_reward, "t_ref_old": t_ref_old,
-                       "t_forward_backward": t_fwd_bwd, "t_optimizer": t_opt, "t_sync": t_sync, "t_step": t_total}
-            if config["vllm_logprobs"]:
-                metrics["vllm_logprob_abs_diff"] = mean(d for g in gathered for d in g[6])
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if config["log_samples_every"] and (step + 1) % config["log_samples_every"] == 0:
-                p = slots[0][0]
-                problem, _, solution, domain, _ = records[p]
-                sample = {"step": step + 1, "id": ids[p], "domain": domain, "problem": problem, "solution": solution,
-                          "completions": [{"text": t, "reward": s} for t, s, (q, _) in zip(texts, scores, slots)
-                                          if q == p]}
-                with open(samples_path, "a") as f:
-                    f.write(json.dumps(sample) + "\n")
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", s_per_step=f"{t_total:.2f}")
-        if (step + 1) % config["checkpoint_every"] == 0 or step + 1 == total_steps:
+        # 5. metrics (metrics.jsonl, wandb), a sample group every log_samples_every steps, checkpoints
+        mine = (scores, [r[3] for r in my_records], [len(c) for c in completions], losses, kls, clips, server_gaps)
+        gathered = gather_object([mine]) if world > 1 else [mine]
+        timings["step"] = time.perf_counter() - t_step
+        if master:
+            metrics = step_metrics(step + 1, gathered, grad_norms, lr, timings, vllm_logprobs)
+            append_jsonl(metrics_path, metrics)
+            if tracker:
+                tracker.log(metrics, step=step + 1)
+            if log_samples_every and (step + 1) % log_samples_every == 0:
+                append_jsonl(samples_path, sample_group(step + 1, ids, records, prompt_of, texts, scores))
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", s_per_step=f"{timings['step']:.2f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == total_steps:
             save_checkpoint(accelerator, model, tokenizer, image_processor, out_dir, step + 1,
                             {"step": step + 1, "mixture_weights": weights, "planned_steps": total_steps,
                              "config": config})
-    if accelerator.is_main_process:
+    if master:
         plot_metrics(metrics_path, os.path.join(out_dir, "metrics.png"))
+        if tracker:
+            tracker.finish()
     log(f"done: {total_steps} steps, checkpoints in {out_dir}")
 
 

@@ -5,7 +5,7 @@ The vision-language policy, shared by train_grpo.py and evaluate.py (as nanoGPT'
   built offline from a config with a locally trained byte-level BPE tokenizer (tests and the CPU default).
 - save_policy / write_checksums / checkpoint_problem: save_pretrained folders that plain transformers (and vLLM)
   loads, and the test that tells a complete one from an interrupted or corrupted one.
-- load_manifest: prepare_data.py's index of the datasets.
+- load_manifest: prepare_data.py's index of the datasets; open_split: one of its splits, checked against it.
 - encode_prompts(...): model inputs built from the image processor and the tokenizer directly. transformers 5
   makes a video processor (which needs torchvision) a required part of Qwen2VLProcessor, so AutoProcessor is not
   usable on a CPU box without torchvision; the few lines it would do are here instead.
@@ -20,9 +20,6 @@ import io
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -169,8 +166,10 @@ def build_tiny_model(tokenizer, seed=0):
     return model
 
 
-def load_policy(name_or_path, dtype=torch.float32, seed=0):
-    """(model, tokenizer, image_processor) for "tiny", a local save_pretrained folder, or a hub name."""
+def load_policy(name_or_path, dtype=torch.float32, seed=0, max_pixels=0):
+    """(model, tokenizer, image_processor) for "tiny", a local save_pretrained folder, or a hub name.
+    seed: the tiny model's initial weights. max_pixels: the image processor's pixel budget per image (0: the
+    model's own); training and evaluation set it alike, so a model sees images as large as it was trained on."""
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=seed).to(dtype)
@@ -183,6 +182,8 @@ def load_policy(name_or_path, dtype=torch.float32, seed=0):
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = _read_processor_chat_template(name_or_path) or QWEN2VL_CHAT_TEMPLATE
+    if max_pixels:
+        image_processor.size["longest_edge"] = max_pixels
     # padding_side is not saved with the tokenizer; generation needs prompts padded on the left.
     tokenizer.padding_side = "left"
     return model, tokenizer, image_processor
@@ -270,16 +271,74 @@ def checkpoint_problem(folder):
     return None
 
 
+def write_json_atomic(path, value, jsonl=False):
+    """Serialises first, writes a temporary file, fsyncs, renames: the file at `path` is the old one or the whole
+    new one, never a half-written one. jsonl: value is a list, written one JSON line per item."""
+    text = "".join(json.dumps(v) + "\n" for v in value) if jsonl else json.dumps(value, indent=1) + "\n"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_manifest(data_dir):
     """prepare_data.py's index of the datasets (both training and evaluation read only what it lists)."""
     path = os.path.join(data_dir, "manifest.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except FileNotFoundError:
         raise SystemExit(f"error: {path} not found: run `python prepare_data.py` first (or set --data_dir)")
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path} is not valid JSON ({e})")
+    if manifest.get("pending_splits"):  # the splits it lists are not all that was asked for
+        raise SystemExit(f"error: {path}: the prepare_data.py run that builds {', '.join(manifest['pending_splits'])} "
+                         "has not finished (killed, or still running): run that command again, or wait for it")
+    return manifest
+
+
+REBUILD = "run prepare_data.py again with the options that built it (it rebuilds only the splits that need it)"
+
+
+def split_files_sha256(folder):
+    """sha256 over the Arrow files of a save_to_disk folder, in the order its state.json lists them: the split's
+    bytes as prepare_data.py wrote them. Reading them costs ~16 ms for a 3,000-record synthetic split (3 MB);
+    recomputing the manifest's content fingerprint (every image decoded) took 3.3 s for the same split."""
+    with open(os.path.join(folder, "state.json")) as f:
+        names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
+    return digest.hexdigest()
+
+
+def open_split(data_dir, manifest, domain, split):
+    """A split the manifest lists, loaded once its files are checked to be the ones prepare_data.py wrote: a deleted,
+    cut or changed split is a one-line error (naming it, and the rebuild), never a traceback or other data."""
+    from datasets import load_from_disk
+    manifest_path = os.path.join(data_dir, "manifest.json")
+    entry = manifest["datasets"][domain]["splits"][split]
+    folder = os.path.join(data_dir, entry["path"])
+    where = f"{folder} ({domain}/{split} in {manifest_path})"
+    if "files_sha256" not in entry:
+        raise SystemExit(f"error: {manifest_path} lists {domain}/{split} without files_sha256 (an older "
+                         f"prepare_data.py wrote it), so its data cannot be checked: {REBUILD}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {where} does not exist: {REBUILD}")
+    try:
+        digest = split_files_sha256(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {where} is not a complete dataset folder ({e}): {REBUILD}")
+    if digest != entry["files_sha256"]:
+        raise SystemExit(f"error: {where} holds other data than the manifest lists (its files changed after "
+                         f"prepare_data.py wrote them): {REBUILD}")
+    return load_from_disk(folder)
 
 
 def prompt_text(tokenizer, problem, n_images=1):
@@ -361,14 +420,9 @@ def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, g
     inputs = {k: v.to(device) for k, v in batch.items()}
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     never = torch.tensor(vision_token_ids(tokenizer), device=device)
-    position_ids = prompt_position_ids(model, inputs)
-    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    # each prompt's state, once per sample
     prompt_of_row = torch.arange(len(inputs["input_ids"]), device=device).repeat_interleave(
         torch.as_tensor(n, device=device))
-    out.past_key_values.reorder_cache(prompt_of_row)
-    out.logits = out.logits[prompt_of_row]
-    attention_mask, position_ids = inputs["attention_mask"][prompt_of_row], position_ids[:, prompt_of_row]
+    out, attention_mask, position_ids = prefill(model, inputs, prompt_of_row)
     rows = len(prompt_of_row)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     new_tokens = []
@@ -392,6 +446,61 @@ def generate(model, tokenizer, batch, n=1, max_new_tokens=64, temperature=1.0, g
                     past_key_values=out.past_key_values, use_cache=True)
     completions = torch.stack(new_tokens, dim=1).tolist()
     return [trim_after_eos(ids, tokenizer) for ids in completions]
+
+
+def prefill(model, prompts, prompt_of_row):
+    """Runs each distinct prompt (and its image) through the model once and copies its KV cache to the rows that
+    continue it (prompt_of_row[i]: the prompt of row i), so G completions of a prompt cost one prompt forward.
+    Returns the model output (logits of the last prompt position and the cache, one row per completion) and the
+    attention mask and (4, rows, length) positions the completion tokens continue. The G copies share the
+    prompt's positions and attention states: the same computation as running prompt + completion G times, and
+    the gradient through the copies is the sum the G runs would give. Used by generate (sampling) and
+    completion_logprobs (training)."""
+    from accelerate.utils import extract_model_from_parallel
+    positions = prompt_position_ids(extract_model_from_parallel(model), prompts)  # DDP hides .model
+    out = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out.past_key_values.reorder_cache(prompt_of_row)
+    out.logits = out.logits[prompt_of_row]
+    return out, prompts["attention_mask"][prompt_of_row], positions[:, prompt_of_row]
+
+
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature, prompt_of_row=None):
+    """Per-token log-probs of the completions given their prompts. prompts: left-padded, one row per distinct
+    prompt; prompt_of_row[i]: the prompt row of completion i (default: row i). The completions run on top of
+    their prompt's copied KV cache (prefill)."""
+    if prompt_of_row is None:
+        prompt_of_row = torch.arange(len(completion_ids), device=completion_ids.device)
+    out, attention_mask, positions = prefill(model, prompts, prompt_of_row)
+    logits = out.logits  # the last prompt position predicts the first completion token
+    n = completion_ids.shape[1]
+    if n > 1:  # the other completion tokens, on top of the prompt's cache; the last one predicts nothing needed
+        attention_mask = torch.cat([attention_mask, completion_mask[:, :-1]], dim=1)
+        steps = torch.arange(1, n, device=positions.device)
+        out = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask,
+                    position_ids=positions[..., -1:] + steps, past_key_values=out.past_key_values, use_cache=True)
+        logits = torch.cat([logits, out.logits], dim=1)
+    return selective_log_softmax(logits / temperature, completion_ids)
+
+
+def selective_log_softmax(logits, ids):
+    """log softmax(logits)[ids] row by row, never materialising the full (B, T, V) log-probabilities."""
+    out = []
+    for row_logits, row_ids in zip(logits, ids):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(out)
+
+
+def pad_completions(completions, pad_id, device):
+    """Right-padded (B, T) ids and mask; T = the longest completion (>= 1)."""
+    length = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), length), dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, :len(c)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def prompt_position_ids(model, inputs):
@@ -610,6 +719,15 @@ class VLLMClient:
                 completion_logprobs += [[t["logprob"] for t in choice["logprobs"]["content"]] for choice in choices]
         return (completions, completion_logprobs) if logprobs else completions
 
+    def generate_for(self, tokenizer, problems, images, max_prompt_length=None, **options):
+        """generate() as the trainer and the evaluator call it: the prompts are encoded with the trainer's own
+        tokenizer and image processor (a prompt over max_prompt_length is an error), so a server that tokenizes
+        one differently is an error, and the vision tokens are never sampled. options: generate()'s."""
+        batch = encode_prompts(tokenizer, self.image_processor, problems, images, max_prompt_length)
+        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        return self.generate(problems, images, prompt_ids=prompt_ids, suppress_token_ids=vision_token_ids(tokenizer),
+                             **options)
+
     def reload_weights(self, weights_dir):
         """Points the server at weights_dir/model.safetensors (write_weights) and returns once it serves them.
         Call it between generate calls: a reload lands between two decoding steps, so a request in flight
@@ -640,53 +758,3 @@ def _prompt_mismatch(index, expected, served, url):
             f"({len(served)} tokens vs {len(expected)}, first difference at token {at}: server "
             f"{served[at:at + 8]} vs trainer {expected[at:at + 8]}); serve the folder of the model the trainer "
             "loads (same tokenizer, chat template and preprocessor_config.json)")
-
-
-SERVE_CPU_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "serve_vllm_cpu.sh")
-
-
-def start_cpu_server(model_dir, log_path, port=None, deadline_s=400):
-    """Starts scripts/serve_vllm_cpu.sh on 127.0.0.1:port (a free one by default), its output appended to
-    log_path, and returns (process, url) once /health answers. It runs in a process group of its own, so
-    stop_server ends vLLM's engine and worker processes with it."""
-    if port is None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([SERVE_CPU_SCRIPT, str(model_dir), str(port)], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    while time.monotonic() - start < deadline_s:
-        if process.poll() is not None:
-            raise VLLMServerError(f"vllm serve exited with code {process.returncode}; the end of {log_path}:\n"
-                                  + _tail(log_path))
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return process, url
-        except OSError:  # not listening yet, or 503 while it loads
-            time.sleep(1)
-    stop_server(process)
-    raise VLLMServerError(f"vllm serve did not answer {url}/health within {deadline_s} s; the end of "
-                          f"{log_path}:\n" + _tail(log_path))
-
-
-def stop_server(process, grace_s=30):
-    """SIGTERM to the server's process group, SIGKILL after grace_s seconds and for any process left over."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the whole group is gone already
-        pass
-    process.wait()
-
-
-def _tail(path, lines=40):
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])

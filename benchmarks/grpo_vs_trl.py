@@ -114,7 +114,7 @@ def grpo_settings(args):
     settings = {k: defaults[k] for k in keep}
     settings.update(prompts_per_step=args.prompts, num_generations=args.G, max_completion_length=args.length,
                     beta=args.beta, num_iterations=1, micro_batch_size=args.prompts * args.G, ignore_eos=True,
-                    freeze_vision=True, mixture="uniform", sampling="with_replacement", cold_start_steps=0)
+                    freeze_vision=True, mixture="uniform", sampling="with_replacement")
     return settings
 
 
@@ -251,7 +251,8 @@ def trl_worker(spec_path):
     def reward(completions, completion_ids, solution, domain, meta, **_):
         lengths.append([len(ids) for ids in completion_ids])
         records = [(None, None, s, d, json.loads(m)) for s, d, m in zip(solution, domain, meta)]
-        scores = train_grpo.score_completions([c[0]["content"] for c in completions], records, settings)
+        scores = train_grpo.score_completions([c[0]["content"] for c in completions], records,
+                                              settings["reward_gate_on_format"], settings["reward_format_mode"])
         return [s["total"] for s in scores]
 
     class StepClock(TrainerCallback):

@@ -26,6 +26,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import vlm  # noqa: E402
+import vllm_cpu_server  # noqa: E402  (next to this file)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny", help="'tiny', a model folder or a hub name (default tiny)")
@@ -76,7 +77,7 @@ if args.url is None:
     model_dir = os.path.join(work_dir, "model")
     vlm.save_for_vllm(model, tokenizer, image_processor, model_dir)
     print(f"starting vllm serve (about a minute; log {work_dir}/server.log)", file=sys.stderr)
-    server, url = vlm.start_cpu_server(model_dir, os.path.join(work_dir, "server.log"))
+    server, url = vllm_cpu_server.start_cpu_server(model_dir, os.path.join(work_dir, "server.log"))
 else:
     url = args.url
 try:
@@ -98,7 +99,7 @@ try:
         reload_s.append(time.perf_counter() - middle)
 finally:
     if server is not None:
-        vlm.stop_server(server)
+        vllm_cpu_server.stop_server(server)
 shutil.rmtree(work_dir)  # reached only on success: after a failure it keeps the server log
 
 n_params = sum(p.numel() for p in model.parameters())

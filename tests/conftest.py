@@ -1,6 +1,6 @@
 import pytest
 
-from tiny_runs import train, write_data_dir
+from tiny_runs import cold_start, write_data_dir
 
 
 @pytest.fixture(scope="session")
@@ -14,5 +14,5 @@ def cold_start_dir(tmp_path_factory, data_dir):
     """One short cold start shared by every training run of the session, so rollouts earn varied rewards (a
     random model earns none)."""
     path = tmp_path_factory.mktemp("cold") / "base"
-    train(data_dir, tmp_path_factory.mktemp("warm") / "run", path, "--max_steps=1")
+    cold_start(data_dir, path)
     return path

@@ -219,24 +219,6 @@ def test_table_bad_input(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# results are never half-written
-
-def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = str(tmp_path / "results.json")
-    evaluate.write_json_atomic(path, {"score": 1})
-    with pytest.raises(TypeError):
-        evaluate.write_json_atomic(path, {"score": 2, "bad": object()})  # fails while serialising
-
-    def disk_full(fd):
-        raise OSError("No space left on device")
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        evaluate.write_json_atomic(path, {"score": 3})  # fails after the temporary file was written
-    assert json.load(open(path)) == {"score": 1}
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # end to end: small test sets in the record format, tiny checkpoints in a run folder
 
 def png(size, color):
@@ -273,6 +255,8 @@ def write_test_sets(data_dir):
                                         "role": "train" if role == "in" else "benchmark",
                                         "splits": {split: {"path": name, "rows": len(records),
                                                            "fingerprint": f"fp-{name}", "n_skipped": 0,
+                                                           "files_sha256": vlm.split_files_sha256(
+                                                               os.path.join(data_dir, name)),
                                                            "skipped": []}}}
         manifest["evaluation"]["in_domain" if role == "in" else "out_of_domain"].append(name)
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
@@ -374,22 +358,22 @@ def test_resume_from_a_killed_evaluation(workspace):
     root, data_dir, _ = workspace
     out_dir = str(root / "base-tiny")
     evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", out_dir, "--max_new_tokens", "6", "--limit", "1"])
-    first = json.load(open(os.path.join(out_dir, "results.json")))
+    first = json.load(open(os.path.join(out_dir, "limit-1", "results.json")))
     assert first["step"] == 0 and first["mixture"] == {} and first["limit"] == 1
     assert {b["n"] for b in first["benchmarks"].values()} == {1}
 
     # The state a kill leaves: completions cached, no results. One cached completion is replaced by the right
     # answer, so its use is visible; the last line was cut mid-write and must be regenerated.
-    predictions = read_jsonl(os.path.join(out_dir, "predictions.jsonl"))
+    predictions = read_jsonl(os.path.join(out_dir, "limit-1", "predictions.jsonl"))
     predictions[0]["completion"] = "<answer>2</answer>"  # syn_count-test-0's solution
     cache = os.path.join(out_dir, ".partial")
+    shutil.rmtree(cache)
     os.makedirs(cache)
     json.dump(first["settings"]["generation"], open(os.path.join(cache, "settings.json"), "w"))
     lines = [json.dumps({"set": p["set"], "id": p["id"], "completion": p["completion"]}) for p in predictions]
     with open(os.path.join(cache, "killed-1.jsonl"), "w") as f:
         f.write("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    os.remove(os.path.join(out_dir, "results.json"))
-    os.remove(os.path.join(out_dir, "predictions.jsonl"))
+    shutil.rmtree(os.path.join(out_dir, "limit-1"))
 
     evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", out_dir, "--max_new_tokens", "6"])
     results = json.load(open(os.path.join(out_dir, "results.json")))
@@ -405,6 +389,40 @@ def test_resume_from_a_killed_evaluation(workspace):
     assert {n: b["metric"] for n, b in rescored["benchmarks"].items()} == {
         "syn_count/test": "math", "syn_ground/test": "iou", "chartqa/test": "exact_match", "mmmu/val": "exact_match"}
     assert read_jsonl(os.path.join(out_dir, "predictions.jsonl"))[0]["completion"] == "<answer>2</answer>"
+
+
+def test_a_quick_look_never_replaces_a_full_evaluation(workspace, tmp_path, capsys, monkeypatch):
+    root, data_dir, run_dir = workspace
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path), "--max_new_tokens", "3"]
+    evaluate.main(common)
+    full = {name: (tmp_path / name).read_bytes() for name in ("results.json", "predictions.jsonl")}
+
+    def no_generation(*args):
+        raise AssertionError("the quick look generated instead of reading the full evaluation's completions")
+    monkeypatch.setattr(evaluate, "hf_engine", no_generation)
+    evaluate.main(common + ["--limit", "1"])
+    assert {name: (tmp_path / name).read_bytes() for name in full} == full
+    quick = json.load(open(tmp_path / "limit-1" / "results.json"))
+    assert quick["limit"] == 1 and {b["n"] for b in quick["benchmarks"].values()} == {1}
+    first_items = {}
+    for p in read_jsonl(tmp_path / "predictions.jsonl"):
+        first_items.setdefault(p["set"], p)
+    assert read_jsonl(tmp_path / "limit-1" / "predictions.jsonl") == list(first_items.values())
+    capsys.readouterr()
+    evaluate.main(common)  # the full results are still current
+    assert "results.json: up to date" in capsys.readouterr().out
+
+    # A run's quick look: each checkpoint's in limit-1/, and their StepAvg in stepavg/limit-1/.
+    monkeypatch.undo()
+    run = root / "quick-run"
+    for step in (10, 20):
+        shutil.copytree(os.path.join(run_dir, f"ckpt-{step:06d}"), run / f"ckpt-{step:06d}")
+    evaluate.main([str(run), "--data_dir", data_dir, "--limit", "1"])
+    assert sorted(os.listdir(run / "eval")) == ["ckpt-000010", "ckpt-000020", "stepavg"]
+    assert sorted(os.listdir(run / "eval" / "stepavg")) == ["limit-1"]
+    stepavg = json.load(open(run / "eval" / "stepavg" / "limit-1" / "results.json"))
+    assert stepavg["averaged_steps"] == [10, 20] and stepavg["limit"] == 1
+    assert not os.path.exists(run / "eval" / "ckpt-000010" / "results.json")
 
 
 def run_cli(args, cwd, **env):
@@ -521,6 +539,29 @@ def test_incomplete_or_corrupt_checkpoint_is_an_error(workspace, tmp_path):
         evaluate.main([partial, "--data_dir", data_dir])
 
 
+def test_a_folder_that_is_no_model_is_an_error_before_any_work(workspace, tmp_path):
+    _, data_dir, run_dir = workspace
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a model")
+    with pytest.raises(SystemExit, match=r"notes is not a checkpoint \(trainer_state.json\), a run folder"):
+        evaluate.main([str(tmp_path / "notes"), "--data_dir", data_dir])
+    with pytest.raises(SystemExit, match="nor a model folder"):  # found before the (here missing) data is read
+        evaluate.main([str(tmp_path / "notes"), "--data_dir", str(tmp_path / "no-data")])
+
+
+def test_a_cut_results_file_is_an_error_and_force_replaces_it(workspace, tmp_path):
+    _, data_dir, _ = workspace
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path), "--max_new_tokens", "2", "--limit", "1"]
+    evaluate.main(common)
+    path = tmp_path / "limit-1" / "results.json"
+    whole = path.read_text()
+    path.write_text(whole[:40])
+    with pytest.raises(SystemExit, match=r"limit-1/results.json is not a readable results file .*--force"):
+        evaluate.main(common)
+    evaluate.main(common + ["--force"])
+    assert json.loads(path.read_text())["benchmarks"] == json.loads(whole)["benchmarks"]
+
+
 def edited_data(workspace, tmp_path, edit):
     """A copy of the test data with the manifest edited by `edit`."""
     data_dir = str(tmp_path / "data")
@@ -560,11 +601,39 @@ def bad_solution(manifest, data_dir):
     dataset.save_to_disk(path + "-new")
     shutil.rmtree(path)
     os.rename(path + "-new", path)
+    manifest["datasets"]["syn_count"]["splits"]["test"]["files_sha256"] = vlm.split_files_sha256(path)
+
+
+def other_content(manifest, data_dir):
+    """Same rows, same ids, one problem reworded: the manifest no longer describes the data."""
+    path = os.path.join(data_dir, "chartqa", "test")
+    dataset = datasets.load_from_disk(path).map(lambda r: {"problem": r["problem"].replace("Question", "Query")})
+    dataset.save_to_disk(path + "-new")
+    shutil.rmtree(path)
+    os.rename(path + "-new", path)
+
+
+def cut_arrow_file(manifest, data_dir):
+    path = os.path.join(data_dir, "mmmu", "val", "data-00000-of-00001.arrow")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def no_state_file(manifest, data_dir):
+    os.remove(os.path.join(data_dir, "mmmu", "val", "state.json"))
+
+
+def older_manifest(manifest, data_dir):
+    del manifest["datasets"]["mmmu"]["splits"]["val"]["files_sha256"]
 
 
 @pytest.mark.parametrize("edit, message", [
+    (other_content, r"chartqa/test \(chartqa/test in .*manifest.json\) holds other data than the manifest lists"),
+    (cut_arrow_file, r"mmmu/val \(mmmu/val in .*\) holds other data .* run prepare_data.py again"),
+    (no_state_file, r"mmmu/val \(mmmu/val in .*\) is not a complete dataset folder .*state.json"),
+    (older_manifest, r"lists mmmu/val without files_sha256 \(an older prepare_data.py wrote it\)"),
     (wrong_rows, r"chartqa/test has 2 rows but .*manifest.json says 3"),
-    (missing_folder, r"mmmu/val \(evaluation set mmmu/val in .*\) does not exist"),
+    (missing_folder, r"mmmu/val \(mmmu/val in .*manifest.json\) does not exist: run prepare_data.py again"),
     (unknown_set, r"evaluation set docvqa/val is not a dataset split"),
     (unknown_metric, r"domain 'chartqa' has reward 'bleu', which is neither"),
     (other_domain, r"row 0 \(id syn_count-test-0\) has domain 'syn_count', not 'syn_other'"),
@@ -575,6 +644,18 @@ def test_test_set_not_matching_the_manifest_is_an_error(workspace, tmp_path, edi
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--max_new_tokens", "2"])
     assert not os.path.exists(tmp_path / "out")  # nothing generated, nothing written
+
+
+def test_results_are_not_up_to_date_against_changed_data(workspace, tmp_path):
+    """A finished evaluation, then the test data changes under the same manifest: an error, not "up to date"."""
+    data_dir = edited_data(workspace, tmp_path, lambda manifest, data_dir: None)
+    common = ["tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--max_new_tokens", "2"]
+    evaluate.main(common + ["--limit", "1"])
+    before = (tmp_path / "out" / "limit-1" / "results.json").read_text()
+    other_content(None, data_dir)
+    with pytest.raises(SystemExit, match="holds other data than the manifest lists"):
+        evaluate.main(common + ["--limit", "1"])
+    assert (tmp_path / "out" / "limit-1" / "results.json").read_text() == before
 
 
 def test_bad_arguments(workspace, tmp_path):

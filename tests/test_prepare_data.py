@@ -2,6 +2,7 @@
 interrupted runs, and the synthetic suite (gold answers earn the maximal reward, fingerprints follow the seed)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import prepare_data as P
 import raw_fixtures as F
 import rewards
+import vlm
 
 SUFFIX_OPTION = (" Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> "
                  "tags.")
@@ -31,6 +33,12 @@ def load(data_dir, domain, split):
 def manifest(data_dir):
     with open(os.path.join(data_dir, "manifest.json")) as f:
         return json.load(f)
+
+
+def lists_nothing(data_dir):
+    """A run that stopped with an error before writing a split: no split listed, none pending."""
+    m = manifest(data_dir)
+    return m["datasets"] == {} and m["pending_splits"] == []
 
 
 def skipped(data_dir, domain, split):
@@ -209,7 +217,7 @@ def test_strict_stops_at_the_first_bad_row_naming_dataset_split_and_row(tmp_path
     with pytest.raises(SystemExit, match=rf"^error: coco/train from {source} split train: row 1: missing field "
                                          r"'solution'$"):
         build(tmp_path / "data", "coco", source, None, "--strict")
-    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+    assert lists_nothing(tmp_path / "data")
 
 
 def test_a_source_in_another_schema_is_an_error_not_a_split_of_skipped_rows(tmp_path):
@@ -217,7 +225,7 @@ def test_a_source_in_another_schema_is_an_error_not_a_split_of_skipped_rows(tmp_
         build(tmp_path / "data", "chartqa", F.save(F.infovqa(), tmp_path / "raw"))
     with pytest.raises(SystemExit, match=r"^error: geoqa/train: no row of .* could be converted \(unparsable"):
         build(tmp_path / "data", "geoqa", F.save(F.geoqa().select([1]), tmp_path / "raw_bad"))
-    assert not os.path.exists(tmp_path / "data" / "manifest.json")
+    assert lists_nothing(tmp_path / "data")
 
 
 def test_manifest_merges_invocations_and_names_the_evaluation_sets(tmp_path):
@@ -263,12 +271,12 @@ def test_an_interrupted_write_leaves_the_old_split_listed_and_the_partial_one_un
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(data, "chartqa", source, None, "--force")
-    assert manifest(data) == before  # still the old, complete split
+    assert manifest(data) == dict(before, pending_splits=["chartqa/test"])  # the old, complete split; the rebuild pending
     assert P.fingerprint(load(data, "chartqa", "test")) == before["datasets"]["chartqa"]["splits"]["test"]["fingerprint"]
     assert [n for n in os.listdir(data / "chartqa") if n.startswith(".test.partial-")]
     monkeypatch.undo()
     build(data, "chartqa", source, None, "--force")  # the next run clears the leftover
-    assert os.listdir(data / "chartqa") == ["test"]
+    assert os.listdir(data / "chartqa") == ["test"] and manifest(data)["pending_splits"] == []
 
 
 def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
@@ -287,17 +295,77 @@ def test_a_killed_build_lists_only_complete_splits_and_resumes(tmp_path):
     assert 1 <= len(listed) < 13
     for (domain, split), entry in listed.items():
         assert P.fingerprint(load(data, domain, split)) == entry["fingerprint"]
+    # Every split the run set out to build is pending, and training and evaluation refuse the manifest.
+    assert len(manifest(data)["pending_splits"]) == 13
+    with pytest.raises(SystemExit, match=r"manifest.json: the prepare_data.py run that builds syn_chart/test, .* has "
+                                         "not finished \\(killed, or still running\\): run that command again"):
+        vlm.load_manifest(str(data))
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert vlm.load_manifest(str(data))["pending_splits"] == []
     P.main(["--data_dir", str(tmp_path / "clean"), "--n_train", "200", "--n_test", "20"])
     resumed, clean = manifest(data), manifest(tmp_path / "clean")
     assert {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in resumed["datasets"].items()} == \
            {d: {s: e["fingerprint"] for s, e in v["splits"].items()} for d, v in clean["datasets"].items()}
 
 
+def replace_split(folder, change):
+    """Re-saves a split with `change` applied to every row: same rows, same ids, other content."""
+    dataset = datasets.load_from_disk(str(folder)).map(change)
+    dataset.save_to_disk(str(folder) + "-new")
+    shutil.rmtree(folder)
+    os.rename(str(folder) + "-new", folder)
+
+
+def test_training_refuses_changed_cut_or_deleted_splits_and_a_rerun_rebuilds_them(tmp_path, capsys):
+    import train_grpo
+    data, argv = tmp_path / "data", ["--data_dir", str(tmp_path / "data"), "--n_train", "3", "--n_test", "2"]
+    P.main(argv)
+    listed = vlm.load_manifest(str(data))
+    assert [r["id"] for r in train_grpo.load_train_split(str(data), listed, "syn_count")] == [
+        "syn_count-train-00000", "syn_count-train-00001", "syn_count-train-00002"]
+    replace_split(data / "syn_count" / "train", lambda r: {"solution": "<answer>9</answer>"})
+    arrow = data / "syn_detect" / "train" / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:1000])
+    shutil.rmtree(data / "syn_ground" / "train")
+    for domain, message in [("syn_count", "holds other data than the manifest lists"),
+                            ("syn_detect", "holds other data than the manifest lists"), ("syn_ground", "does not exist")]:
+        with pytest.raises(SystemExit, match=rf"{domain}/train \({domain}/train in .*manifest.json\) {message}.*"
+                                             "run prepare_data.py again"):
+            train_grpo.load_train_split(str(data), listed, domain)
+    capsys.readouterr()
+    P.main(argv)  # what the message says: a plain rerun rebuilds exactly the three
+    out = capsys.readouterr().out
+    assert sorted(line.split(":")[0] for line in out.splitlines() if "up to date" not in line) == [
+        "syn_count/train", "syn_detect/train", "syn_ground/train"]
+    assert vlm.load_manifest(str(data)) == listed  # the same content as before the damage
+    for domain in ("syn_count", "syn_detect", "syn_ground"):
+        assert len(train_grpo.load_train_split(str(data), listed, domain)) == 3
+
+
 def test_source_replaces_one_split_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         P.main(["--dataset", "lisa", "--source", str(tmp_path), "--data_dir", str(tmp_path / "data")])
     assert "--source replaces the source of one dataset split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_train=-5"], "--n_train must be at least 1 (got -5)"),
+    (["--n_test=0"], "--n_test must be at least 1 (got 0)"),
+    (["--split", "nope"], "the synthetic suite has no split 'nope' (it has train, test)"),
+    (["--dataset", "lisa", "--split", "test", "--source", "/mirrors/nope"],
+     "--source /mirrors/nope: no such folder (and not a hub name owner/name)"),
+])
+def test_bad_options_are_one_line_errors_that_write_nothing(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        P.main(argv + ["--data_dir", str(tmp_path / "data")])
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_split_builds_only_that_split_of_the_synthetic_suite(tmp_path):
+    P.main(["--data_dir", str(tmp_path), "--split", "test", "--n_train", "2", "--n_test", "2"])
+    assert {d: sorted(e["splits"]) for d, e in manifest(tmp_path)["datasets"].items()} == {
+        d: ["test"] for d in P.SYNTHETIC}
 
 
 def test_help_documents_every_source_and_option(capsys):

@@ -1,5 +1,7 @@
 """Hand-computed expected values for every reward of rewards.py, the router's totals, bad solutions, and the CLI."""
 import json
+import math
+import random
 import subprocess
 import sys
 import threading
@@ -225,6 +227,56 @@ def test_detection_converts_the_qwen_grid():
     meta = {"box_convention": "qwen1000", "image_size": [200, 100]}
     assert detection_reward(formatted("[[50, 100, 250, 500]]"), "[[10, 10, 50, 50]]", meta) == 1.0
     assert detection_reward(formatted("[[10, 10, 50, 50]]"), "[[10, 10, 50, 50]]", meta) == 0.0
+
+
+def test_detection_of_thousands_of_boxes_is_fast_and_exact():
+    """3,000 predicted boxes against 3,000 truths: each prediction is its truth shifted 1 px right, IoU 90/110.
+    The pure-Python pairwise loop took 14-46 s here; the numpy matching must stay well under that."""
+    truth = [[20 * i, 0, 20 * i + 10, 10] for i in range(3000)]
+    answer = json.dumps([[x1 + 1, y1, x2 + 1, y2] for x1, y1, x2, y2 in truth])
+    started = time.perf_counter()
+    assert detection_reward(formatted(answer), json.dumps(truth)) == pytest.approx(90 / 110)
+    assert time.perf_counter() - started < 5.0
+    # Areas near the float limit: the union overflows, and iou()'s rescaled path gives the exact 1.0.
+    huge = [0, 0, 1.5e154, 1e154]
+    assert detection_reward(formatted(json.dumps([huge])), json.dumps([huge])) == 1.0
+
+
+def greedy_detection_by_definition(predicted, truth):
+    """Visual-RFT's matching written out with the scalar iou(): the reference the vectorised matching must equal."""
+    matched, total = set(), 0.0
+    for box, _ in sorted(predicted, key=lambda pair: -rewards._rank(pair[1])):
+        best, best_iou = None, rewards.DETECTION_MATCH_IOU
+        for index, truth_box in enumerate(truth):
+            value = rewards.iou(box, truth_box)
+            if index not in matched and value > best_iou:
+                best, best_iou = index, value
+        if best is not None:
+            matched.add(best)
+            total += best_iou
+    return total / max(len(truth), len(predicted))
+
+
+def test_vectorised_detection_matching_equals_the_definition_bit_for_bit():
+    rng = random.Random(0)
+    odd = ["1e400", "-1e400", "1e308", "-1e308", "1e154", "5e-324", "-0.0"]  # 1e400 reads as inf
+
+    def box():
+        x, y = rng.randint(0, 50), rng.randint(0, 50)
+        return [str(x), str(y), str(x + rng.randint(0, 20)), str(y + rng.randint(0, 20))]
+
+    def near(b):
+        if rng.random() < 0.15:  # infinite, huge, tiny, inverted and empty boxes
+            return tuple(rng.choice(odd + [str(rng.randint(0, 60))]) for _ in range(4))
+        return tuple(str(float(v) + rng.choice([0, 0, 1, -1, 2, 0.5])) for v in b)
+    for _ in range(2000):
+        truth = [[float(v) for v in box()] for _ in range(rng.randint(1, 6))]
+        written = {near([str(v) for v in rng.choice(truth)]) if rng.random() < 0.7 else tuple(box()): rng.random()
+                   for _ in range(rng.randint(1, 10))}
+        answer = "[" + ", ".join(f"{{'Position': [{', '.join(b)}], 'Confidence': {c!r}}}"
+                                 for b, c in written.items()) + "]"
+        predicted = list({tuple(map(float, b)): c for b, c in reversed(written.items())}.items())[::-1]
+        assert rewards._detection_score(answer, truth, {}) == greedy_detection_by_definition(predicted, truth)
 
 
 def test_iou_is_symmetric_and_guards_degenerate_boxes():

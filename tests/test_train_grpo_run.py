@@ -5,6 +5,7 @@ import os
 import random
 import re
 import signal
+import struct
 import sys
 import time
 
@@ -119,3 +120,37 @@ def test_resume_refuses_another_mixture(data_dir, cold_start_dir, tmp_path):
     assert proc.returncode != 0 and "another mixture or schedule" in proc.stderr
     proc = train(data_dir, out, cold_start_dir, "--max_steps=2", check=False)
     assert proc.returncode != 0 and "pass --resume" in proc.stderr
+
+
+def wandb_history(run_file):
+    """The logged rows of an offline W&B run: its .wandb file is a LevelDB-style log (32 KiB blocks of records
+    with a 7-byte header: crc, length, type 1 full / 2 first / 3 middle / 4 last) of protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, chunk, rows = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # the zero padding at the end of a block
+            pos += left
+            continue
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_log_gets_every_metrics_line_offline(data_dir, cold_start_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, cold_start_dir, "--max_steps=2", "--beta=0", "--log_samples_every=0", "--wandb_log",
+          "--wandb_run_name=tiny", env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = wandb_history(run_file)
+    with open(out / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert len(logged) == len(lines) == 2
+    for row, line in zip(logged, lines):
+        assert row["_step"] == line["step"]
+        assert {k: row[k] for k in line} == line  # every field, timings too, as metrics.jsonl has it

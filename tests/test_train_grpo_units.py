@@ -1,4 +1,5 @@
-"""train_grpo.py's pure parts: the objective against hand-computed values, the sampler, config and mixtures."""
+"""train_grpo.py's pure parts: the objective against hand-computed values, the sampler, the group layout, config
+and mixtures."""
 import json
 import math
 import os
@@ -80,58 +81,6 @@ def test_group_advantages_hand_computed():
     assert adv[0].tolist() == pytest.approx([-1 / (std + 1e-4), 1 / (std + 1e-4), 0, 0], abs=1e-5)
     assert adv[1].tolist() == [0, 0, 0, 0]  # a group with one reward carries no signal
     assert tg.group_advantages(rewards, scale=False)[0].tolist() == [-1, 1, 0, 0]
-
-
-def test_selective_log_softmax_matches_full():
-    logits = torch.randn(3, 5, 11)
-    ids = torch.randint(0, 11, (3, 5))
-    full = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(tg.selective_log_softmax(logits, ids), full, atol=1e-6)
-
-
-def full_sequence_logprobs(model, prompts, ids, mask, temperature):
-    """The plain way: each completion appended to its own copy of its prompt, one forward over all of it."""
-    inputs = dict(input_ids=torch.cat([prompts["input_ids"], ids], 1),
-                  attention_mask=torch.cat([prompts["attention_mask"], mask], 1),
-                  mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(ids).int()], 1),
-                  pixel_values=prompts["pixel_values"], image_grid_thw=prompts["image_grid_thw"])
-    logits = model(**inputs, logits_to_keep=ids.shape[1] + 1, use_cache=False).logits[:, :-1]
-    return tg.selective_log_softmax(logits / temperature, ids)
-
-
-def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones():
-    from PIL import Image
-    model, tokenizer, image_processor = vlm.load_policy("tiny")
-    model.model.visual.requires_grad_(False)
-    problems, images = ["How many circles?", "a"], [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84))]
-    prompt_of_row = torch.tensor([0, 0, 0, 1, 1])
-    # completions of 6, 4, 1, 6 and 3 ordinary tokens, right-padded
-    torch.manual_seed(0)
-    ids, mask = tg.pad_completions([torch.randint(20, 400, (k,)).tolist() for k in (6, 4, 1, 6, 3)],
-                                   tokenizer.pad_token_id, "cpu")
-    shared = vlm.encode_prompts(tokenizer, image_processor, problems, images)
-    per_row = vlm.encode_prompts(tokenizer, image_processor, [problems[p] for p in prompt_of_row],
-                                 [images[p] for p in prompt_of_row])
-
-    def logprobs_and_gradients(compute):
-        model.zero_grad()
-        logp = compute() * mask
-        logp.sum().backward()
-        return logp.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    reference, reference_grads = logprobs_and_gradients(lambda: full_sequence_logprobs(model, per_row, ids, mask, 0.7))
-    for prompts, rows in [(shared, prompt_of_row), (per_row, None)]:
-        logp, grads = logprobs_and_gradients(lambda: tg.completion_logprobs(model, prompts, ids, mask, 0.7, rows))
-        assert torch.allclose(logp, reference, atol=1e-5)
-        for a, b in zip(grads, reference_grads):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 summation order; gradients reach ~8
-    assert (reference[2, 1:] == 0).all() and reference[2, 0] < 0  # the one-token completion is scored too
-
-
-def test_pad_completions():
-    ids, mask = tg.pad_completions([[5, 6, 7], [8], []], pad_id=0, device="cpu")
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
 
 
 def test_lr_schedule_warmup_then_linear_decay():
@@ -279,7 +228,23 @@ def test_truncate_jsonl_drops_later_steps(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_reference_completion_uses_rationale():
-    assert tg.reference_completion("<answer>B</answer>", {"rationale": "red is left"}) == \
-        "<think>\nred is left\n</think>\n<answer>\nB\n</answer>"
-    assert tg.reference_completion("[1, 2, 3, 4]", {}) == "<think>\n\n</think>\n<answer>\n[1, 2, 3, 4]\n</answer>"
+# --- the group layout ---
+
+def test_group_layout_owns_consecutive_completions_in_rank_order():
+    # 2 prompts x G=3 = 6 completions; completion i answers prompt i // 3
+    owned, prompt_of = tg.group_layout(2, 3, 0, 1, 0)
+    assert list(owned) == [0, 1, 2, 3, 4, 5] and prompt_of == [0, 0, 0, 1, 1, 1]
+    owned = [tg.group_layout(2, 3, r, 3, 0) for r in range(3)]
+    assert [(list(o), p) for o, p in owned] == [([0, 1], [0, 0]), ([2, 3], [0, 1]), ([4, 5], [1, 1])]  # a group spans
+    with pytest.raises(SystemExit, match="split evenly over 4 process"):
+        tg.group_layout(2, 3, 0, 4, 0)
+    with pytest.raises(SystemExit, match="micro_batch_size=4"):
+        tg.group_layout(2, 3, 0, 1, 4)
+
+
+def test_a_missing_start_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"init_from=out/cold_start is not a folder: run `python cold_start.py`"):
+        tg.load_start_model("out/cold_start", 0, 0, True)
+    with pytest.raises(SystemExit, match="is not a folder: check --init_from"):
+        tg.load_start_model(str(tmp_path / "no_such_model"), 0, 0, True)

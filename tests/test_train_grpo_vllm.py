@@ -9,6 +9,7 @@ import time
 import pytest
 
 import train_grpo as tg
+import vllm_cpu_server
 import vlm
 from tiny_runs import ROOT, train
 
@@ -23,9 +24,9 @@ def server(tmp_path_factory):
     The last test of this file kills it."""
     folder = tmp_path_factory.mktemp("served") / "tiny"
     vlm.save_for_vllm(*vlm.load_policy("tiny"), folder)
-    process, url = vlm.start_cpu_server(folder, tmp_path_factory.mktemp("log") / "vllm.log")
+    process, url = vllm_cpu_server.start_cpu_server(folder, tmp_path_factory.mktemp("log") / "vllm.log")
     yield process, url
-    vlm.stop_server(process)
+    vllm_cpu_server.stop_server(process)
 
 
 def test_grpo_steps_with_vllm_rollouts(server, data_dir, cold_start_dir, tmp_path):
@@ -85,7 +86,7 @@ def test_server_killed_mid_run_stops_with_an_error_and_keeps_the_checkpoint(serv
     while not (out / "ckpt-000002" / "checksums.json").exists():
         assert run.poll() is None and time.time() < deadline, run.stdout.read()
         time.sleep(0.1)
-    vlm.stop_server(process, grace_s=0)
+    vllm_cpu_server.stop_server(process, grace_s=0)
     killed_at = time.monotonic()
     output, _ = run.communicate(timeout=120)
     # the error comes within the client's bound: timeout + backoff * (2**retries - 1), plus the step in flight

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import vllm_cpu_server
 import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +136,7 @@ class Server:
 
     def ensure_running(self):
         if self.process is None or self.process.poll() is not None:
-            self.process, self.url = vlm.start_cpu_server(self.model_dir, self.log_path)
+            self.process, self.url = vllm_cpu_server.start_cpu_server(self.model_dir, self.log_path)
 
     def signal(self, signum):
         os.killpg(self.process.pid, signum)
@@ -152,7 +153,7 @@ def server(policy, tmp_path_factory):
         yield server
     finally:
         if server.process is not None:
-            vlm.stop_server(server.process)
+            vllm_cpu_server.stop_server(server.process)
 
 
 @pytest.fixture
@@ -172,7 +173,7 @@ def encode(policy, images):
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     start = time.monotonic()
     with pytest.raises(vlm.VLLMServerError, match=r"(?s)vllm serve exited with code 1.*has no config.json"):
-        vlm.start_cpu_server(tmp_path, tmp_path / "server.log")
+        vllm_cpu_server.start_cpu_server(tmp_path, tmp_path / "server.log")
     assert time.monotonic() - start < 10
 
 

@@ -1,4 +1,7 @@
 """The shared policy module: tiny model, prompt building, generation, save/load."""
+import json
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -172,3 +175,76 @@ def test_samples_per_prompt_may_differ(tiny, mixed_batch):
     one_each = vlm.generate(model, tokenizer, mixed_batch, greedy=True, max_new_tokens=10)
     outs = vlm.generate(model, tokenizer, mixed_batch, n=[2, 1, 3], greedy=True, max_new_tokens=10)
     assert outs == [one_each[0]] * 2 + [one_each[1]] + [one_each[2]] * 3
+
+
+# --- log-probs of completions (the training forward) ---
+
+def test_selective_log_softmax_matches_full():
+    logits = torch.randn(3, 5, 11)
+    ids = torch.randint(0, 11, (3, 5))
+    full = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(vlm.selective_log_softmax(logits, ids), full, atol=1e-6)
+
+
+def full_sequence_logprobs(model, prompts, ids, mask, temperature):
+    """The plain way: each completion appended to its own copy of its prompt, one forward over all of it."""
+    inputs = dict(input_ids=torch.cat([prompts["input_ids"], ids], 1),
+                  attention_mask=torch.cat([prompts["attention_mask"], mask], 1),
+                  mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(ids).int()], 1),
+                  pixel_values=prompts["pixel_values"], image_grid_thw=prompts["image_grid_thw"])
+    logits = model(**inputs, logits_to_keep=ids.shape[1] + 1, use_cache=False).logits[:, :-1]
+    return vlm.selective_log_softmax(logits / temperature, ids)
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_the_full_sequence_ones():
+    from PIL import Image
+    model, tokenizer, image_processor = vlm.load_policy("tiny")
+    model.model.visual.requires_grad_(False)
+    problems, images = ["How many circles?", "a"], [Image.new("RGB", (56, 56), "blue"), Image.new("RGB", (112, 84))]
+    prompt_of_row = torch.tensor([0, 0, 0, 1, 1])
+    # completions of 6, 4, 1, 6 and 3 ordinary tokens, right-padded
+    torch.manual_seed(0)
+    ids, mask = vlm.pad_completions([torch.randint(20, 400, (k,)).tolist() for k in (6, 4, 1, 6, 3)],
+                                   tokenizer.pad_token_id, "cpu")
+    shared = vlm.encode_prompts(tokenizer, image_processor, problems, images)
+    per_row = vlm.encode_prompts(tokenizer, image_processor, [problems[p] for p in prompt_of_row],
+                                 [images[p] for p in prompt_of_row])
+
+    def logprobs_and_gradients(compute):
+        model.zero_grad()
+        logp = compute() * mask
+        logp.sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    reference, reference_grads = logprobs_and_gradients(lambda: full_sequence_logprobs(model, per_row, ids, mask, 0.7))
+    for prompts, rows in [(shared, prompt_of_row), (per_row, None)]:
+        logp, grads = logprobs_and_gradients(lambda: vlm.completion_logprobs(model, prompts, ids, mask, 0.7, rows))
+        assert torch.allclose(logp, reference, atol=1e-5)
+        for a, b in zip(grads, reference_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 summation order; gradients reach ~8
+    assert (reference[2, 1:] == 0).all() and reference[2, 0] < 0  # the one-token completion is scored too
+
+
+def test_pad_completions():
+    ids, mask = vlm.pad_completions([[5, 6, 7], [8], []], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results and settings are never half-written
+
+def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = str(tmp_path / "results.json")
+    vlm.write_json_atomic(path, {"score": 1})
+    with pytest.raises(TypeError):
+        vlm.write_json_atomic(path, {"score": 2, "bad": object()})  # fails while serialising
+
+    def disk_full(fd):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        vlm.write_json_atomic(path, {"score": 3})  # fails after the temporary file was written
+    assert json.load(open(path)) == {"score": 1}
+    assert os.listdir(tmp_path) == ["results.json"]

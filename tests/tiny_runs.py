@@ -1,5 +1,5 @@
-"""train_grpo.py runs for the tests: a small dataset in prepare_data.py's record format, one shared cold start,
-and each run launched as a subprocess, as a user would (fixtures in conftest.py)."""
+"""cold_start.py and train_grpo.py runs for the tests: a small dataset in prepare_data.py's record format, one
+shared cold start, and each run launched as a subprocess, as a user would (fixtures in conftest.py)."""
 import json
 import os
 import random
@@ -8,6 +8,8 @@ import sys
 
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage, ImageDraw
+
+import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("t_", "samples_per_s", "tokens_per_s")
@@ -33,6 +35,7 @@ def write_dataset(data_dir, domain, n, seed):
     ds.save_to_disk(os.path.join(data_dir, domain, "train"))
     return {"source": "test", "reward": "math", "role": "train",
             "splits": {"train": {"path": f"{domain}/train", "rows": n, "fingerprint": ds._fingerprint,
+                                 "files_sha256": vlm.split_files_sha256(os.path.join(data_dir, domain, "train")),
                                  "n_skipped": 0, "skipped": []}}}
 
 
@@ -44,13 +47,9 @@ def write_data_dir(path):
     return path
 
 
-def train(data_dir, out_dir, cold_start_dir, *extra, launcher=(sys.executable,), check=True, wait=True):
-    """Runs train_grpo.py with small settings (extra overrides them); Popen when wait is False."""
-    argv = [*launcher, os.path.join(ROOT, "train_grpo.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-            f"--cold_start_dir={cold_start_dir}", "--cold_start_steps=120", "--max_completion_length=24",
-            "--learning_rate=1e-3", "--checkpoint_every=2", "--log_samples_every=1", "--prompts_per_step=2",
-            "--micro_batch_size=12", *extra]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+def run(argv, check=True, wait=True, env=None):
+    """Runs a script as a user would, on one thread; Popen when wait is False."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -58,6 +57,20 @@ def train(data_dir, out_dir, cold_start_dir, *extra, launcher=(sys.executable,),
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def cold_start(data_dir, out_dir, *extra, check=True):
+    """A short cold_start.py (120 steps): enough for rollouts with varied rewards."""
+    return run([sys.executable, os.path.join(ROOT, "cold_start.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                "--steps=120", *extra], check=check)
+
+
+def train(data_dir, out_dir, init_from, *extra, launcher=(sys.executable,), check=True, wait=True, env=None):
+    """Runs train_grpo.py from init_from (a cold start) with small settings (extra overrides them)."""
+    argv = [*launcher, os.path.join(ROOT, "train_grpo.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+            f"--init_from={init_from}", "--max_completion_length=24", "--learning_rate=1e-3", "--checkpoint_every=2",
+            "--log_samples_every=1", "--prompts_per_step=2", "--micro_batch_size=12", *extra]
+    return run(argv, check=check, wait=wait, env=env)
 
 
 def metrics(out_dir):

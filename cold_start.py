@@ -1,0 +1,141 @@
+"""
+Supervised cold start: the tiny model learns to imitate the reference answers, so that GRPO's rollouts earn rewards.
+
+    python prepare_data.py && python cold_start.py && python train_grpo.py   # train_grpo.py starts from its output
+    python cold_start.py --help                                              # every setting, its default and meaning
+
+A randomly initialised tiny model earns no reward, and GRPO learns nothing from a group whose rewards are all
+equal, so the CPU testbed first trains it on the reference answers of every training domain: "<think>" holds the
+record's rationale, "<answer>" its answer. Real Instruct models already follow the format; the paper starts GRPO
+from Qwen2-VL-2B-Instruct directly (train_grpo.py --init_from=Qwen/Qwen2-VL-2B-Instruct), with no cold start.
+
+The domains are sampled uniformly with this script's own seed, so the result depends neither on the mixture nor on
+the seed of the GRPO runs that start from it: every run of a mixture study starts from the same weights.
+
+Output: out_dir, a checkpoint folder (save_pretrained + checksums.json, written to out_dir.partial and then renamed)
+with cold_start.json: the settings and the training data's fingerprints it was made from, and its final loss. A
+rerun finds it: with the same settings and data it does nothing ("up to date"); with other ones it is an error
+naming them, since GRPO runs may have started from that folder (delete it or choose another --out_dir).
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+import vlm
+from train_grpo import load_train_split, read_settings, record_fields, training_domains
+
+# --- config -----------------------------------------------------------------------------------------------
+# Override: python cold_start.py [config.json ...] [--key=value ...]; main() then reads each by its name.
+out_dir = "out/cold_start"        # the checkpoint folder train_grpo.py's init_from reads by default
+data_dir = "data"                 # prepare_data.py output; every training domain of its manifest is used
+init_from = "tiny"                # "tiny", a hub name or a save_pretrained folder
+seed = 0                          # this stage's own: the tiny model's initial weights and the examples drawn
+steps = 300
+batch_size = 16                   # examples per step, domains drawn uniformly
+learning_rate = 3e-3              # AdamW, linear decay to 0
+grad_clip = 1.0
+max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
+max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
+# --- end config -------------------------------------------------------------------------------------------
+
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def reference_completion(solution, meta):
+    answer = rewards.extract_answer(solution)
+    answer = solution if answer is None else answer
+    return f"<think>\n{meta.get('rationale', '')}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
+
+
+def recipe(config, manifest, domains):
+    """What the result is a function of: every setting but where it is read from and written to, and the
+    content fingerprint of each training split."""
+    settings = {k: v for k, v in config.items() if k not in ("out_dir", "data_dir")}
+    settings["data"] = {d: manifest["datasets"][d]["splits"]["train"]["fingerprint"] for d in domains}
+    return settings
+
+
+def existing_recipe(folder):
+    """The recipe of the complete cold start in folder; None when there is none or an interrupted one (which may
+    be replaced). Any other folder there is an error: nothing but a cold start is ever replaced."""
+    info_path = os.path.join(folder, "cold_start.json")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return None
+    if not os.path.isfile(info_path):
+        raise SystemExit(f"error: {folder} exists and is not a cold start (no cold_start.json); choose another "
+                         "--out_dir")
+    if vlm.checkpoint_problem(folder) is not None:
+        return None
+    with open(info_path) as f:
+        return json.load(f)["settings"]
+
+
+def train(datasets, model, tokenizer, image_processor):
+    """steps of AdamW on the reference completions' negative log-likelihood; returns the last step's loss."""
+    model.requires_grad_(True)  # the vision tower too: a randomly initialised one must learn to see
+    model.train()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    rng = np.random.default_rng(seed + 1)
+    domains = sorted(datasets)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bar = tqdm(range(steps), desc="cold start", dynamic_ncols=True)
+    for _ in bar:
+        picks = [(d, int(rng.integers(len(datasets[d])))) for d in rng.choice(domains, batch_size)]
+        problems, images, targets = [], [], []
+        for d, row in picks:
+            problem, image, solution, _, meta = record_fields(datasets[d][row])
+            problems.append(problem)
+            images.append(image)
+            targets.append(tokenizer.encode(reference_completion(solution, meta), add_special_tokens=False) + [eos])
+        prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length)
+        ids, mask = vlm.pad_completions(targets, tokenizer.pad_token_id, "cpu")
+        logp = vlm.completion_logprobs(model, prompts, ids, mask, temperature=1.0)
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+def main(argv):
+    config = read_settings(argv, DEFAULTS, __file__, __doc__)
+    globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
+    manifest = vlm.load_manifest(data_dir)
+    domains = training_domains(manifest)
+    settings = recipe(config, manifest, domains)
+    previous = existing_recipe(out_dir)
+    if previous == settings:
+        print(f"cold start: {out_dir} is up to date (same settings and data), nothing to do")
+        return
+    if previous is not None:
+        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        raise SystemExit(f"error: {out_dir} holds a cold start made with other {', '.join(changed)}; GRPO runs may "
+                         "have started from it: delete it or choose another --out_dir")
+    datasets = {d: load_train_split(data_dir, manifest, d) for d in domains}
+    torch.manual_seed(seed)
+    model, tokenizer, image_processor = vlm.load_policy(init_from, seed=seed, max_pixels=max_pixels)
+    final_loss = train(datasets, model, tokenizer, image_processor)
+    tmp = out_dir + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vlm.save_policy(model, tokenizer, image_processor, tmp)
+    vlm.write_json_atomic(os.path.join(tmp, "cold_start.json"), {"settings": settings, "final_loss": final_loss})
+    vlm.write_checksums(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted one, if any (existing_recipe)
+    os.replace(tmp, out_dir)
+    print(f"cold start: {steps} steps, final loss {final_loss:.3f}, saved {out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

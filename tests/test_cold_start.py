@@ -1,0 +1,43 @@
+"""cold_start.py: the reference completions it imitates, and its output reused or protected on a rerun. The run
+itself is the session's cold_start_dir fixture (conftest.py), which every training test starts from."""
+import json
+
+import cold_start
+import vlm
+from tiny_runs import cold_start as run_cold_start
+
+
+def test_reference_completion_uses_rationale():
+    assert cold_start.reference_completion("<answer>B</answer>", {"rationale": "red is left"}) == \
+        "<think>\nred is left\n</think>\n<answer>\nB\n</answer>"
+    assert cold_start.reference_completion("[1, 2, 3, 4]", {}) == "<think>\n\n</think>\n<answer>\n[1, 2, 3, 4]\n</answer>"
+
+
+def test_output_is_a_checkpoint_with_its_recipe(cold_start_dir):
+    assert vlm.checkpoint_problem(str(cold_start_dir)) is None
+    info = json.loads((cold_start_dir / "cold_start.json").read_text())
+    assert info["settings"]["steps"] == 120 and info["settings"]["seed"] == 0
+    assert set(info["settings"]["data"]) == {"syn_count", "syn_colorcount"}  # every training domain, fingerprinted
+    assert "out_dir" not in info["settings"] and "data_dir" not in info["settings"]
+
+
+def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
+    before = (cold_start_dir / "model.safetensors").stat().st_mtime_ns
+    proc = run_cold_start(data_dir, cold_start_dir)
+    assert "is up to date" in proc.stdout
+    assert (cold_start_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_rerun_with_other_settings_is_refused(data_dir, cold_start_dir):
+    proc = run_cold_start(data_dir, cold_start_dir, "--learning_rate=0.1", "--seed=3", check=False)
+    assert proc.returncode != 0
+    assert "holds a cold start made with other learning_rate, seed" in proc.stderr
+    assert vlm.checkpoint_problem(str(cold_start_dir)) is None  # untouched
+
+
+def test_a_folder_that_is_no_cold_start_is_never_replaced(data_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    proc = run_cold_start(data_dir, tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "is not a cold start" in proc.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
