@@ -32,7 +32,7 @@ def policy_when_torch_loads(script, policy=None):
     return proc.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("script", ["train_grpo", "evaluate", "prepare_data"])
+@pytest.mark.parametrize("script", ["train_grpo", "cold_start", "evaluate", "prepare_data"])
 def test_passive_before_torch_loads_when_unset(script):
     assert policy_when_torch_loads(script) == "PASSIVE"
 

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import prepare_data
-import train_grpo as tg
 import vlm
 
 COLOR_NAMES = tuple(prepare_data.COLORS)
@@ -104,8 +103,8 @@ def test_image_swap_probe_tells_a_model_that_reads_the_image_from_one_that_does_
         images, colors = solid_colours(16, seed=100 + step)
         prompts = vlm.encode_prompts(tokenizer, image_processor, [question] * 16, images)
         targets = [tokenizer.encode(COLOR_NAMES[c], add_special_tokens=False) + [eos] for c in colors]
-        ids, mask = tg.pad_completions(targets, tokenizer.pad_token_id, "cpu")
-        loss = -(tg.completion_logprobs(model, prompts, ids, mask, 1.0) * mask).sum() / mask.sum()
+        ids, mask = vlm.pad_completions(targets, tokenizer.pad_token_id, "cpu")
+        loss = -(vlm.completion_logprobs(model, prompts, ids, mask, 1.0) * mask).sum() / mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
