@@ -1,0 +1,41 @@
+"""The scripts set OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made a GRPO step 10-20x
+slower while another program used a core), and leave a user's own setting alone."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Records OMP_WAIT_POLICY at the moment torch is first imported (OpenMP reads it then), then imports the script.
+SPY = """
+import os, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Spy())
+import {script}
+print(seen[0] if seen else "torch not imported")
+"""
+
+
+def policy_when_torch_loads(script, policy=None):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    proc = subprocess.run([sys.executable, "-c", SPY.format(script=script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["train_grpo", "cold_start", "evaluate", "prepare_data"])
+def test_passive_before_torch_loads_when_unset(script):
+    assert policy_when_torch_loads(script) == "PASSIVE"
+
+
+def test_a_users_setting_wins():
+    assert policy_when_torch_loads("train_grpo", policy="ACTIVE") == "ACTIVE"
