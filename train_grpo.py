@@ -190,7 +190,7 @@ def parse_config(argv):
     if config["max_steps"] < 0:
         raise SystemExit(f"error: max_steps must be >= 0 (0: until a domain is exhausted), got {config['max_steps']}")
     try:
-        scoring_options(config)
+        scoring_options(**reward_settings(config))
         vlm.system_prompt_text(config["system_prompt"])
     except ValueError as e:  # a bad reward_weights, reward_iou_threshold or system_prompt
         raise SystemExit(f"error: {e}")
@@ -674,13 +674,21 @@ def lr_lambda(warmup, total):
     return factor
 
 
-def scoring_options(config):
+REWARD_SETTINGS = ("reward_mode", "reward_weights", "reward_gate_on_format", "reward_format_mode",
+                   "reward_iou_threshold")
+
+
+def scoring_options(reward_mode, reward_weights, reward_gate_on_format, reward_format_mode, reward_iou_threshold):
     """rewards.score's keywords from the reward_* settings; ValueError names a bad one."""
-    threshold = config["reward_iou_threshold"] or None
+    threshold = reward_iou_threshold or None
     rewards.check_iou_threshold(threshold)
-    return dict(reward_mode=config["reward_mode"], reward_weights=rewards.read_reward_weights(config["reward_weights"]),
-                gate_on_format=config["reward_gate_on_format"], format_mode=config["reward_format_mode"],
-                iou_threshold=threshold)
+    return dict(reward_mode=reward_mode, reward_weights=rewards.read_reward_weights(reward_weights),
+                gate_on_format=reward_gate_on_format, format_mode=reward_format_mode, iou_threshold=threshold)
+
+
+def reward_settings(config):
+    """The REWARD_SETTINGS of a settings dict, as scoring_options' keywords."""
+    return {k: config[k] for k in REWARD_SETTINGS}
 
 
 def score_completions(texts, records, options):
@@ -890,7 +898,9 @@ def main(argv):
     from accelerate.utils import gather_object, set_seed
     config = parse_config(argv)
     globals().update(config)  # from here on every setting is read by its plain name, as in nanoGPT
-    scoring, system_text = scoring_options(config), vlm.system_prompt_text(system_prompt)
+    scoring = scoring_options(reward_mode, reward_weights, reward_gate_on_format, reward_format_mode,
+                              reward_iou_threshold)
+    system_text = vlm.system_prompt_text(system_prompt)
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         # accelerate (1.15) shards only on accelerators: on CPU an FSDP launch fails in its plugin or runs unsharded

@@ -253,7 +253,7 @@ def trl_worker(spec_path):
         lengths.append([len(ids) for ids in completion_ids])
         records = [(None, None, s, d, json.loads(m)) for s, d, m in zip(solution, domain, meta)]
         scores = train_grpo.score_completions([c[0]["content"] for c in completions], records,
-                                              train_grpo.scoring_options(settings))
+                                              train_grpo.scoring_options(**train_grpo.reward_settings(settings)))
         return [s["total"] for s in scores]
 
     class StepClock(TrainerCallback):

@@ -279,7 +279,8 @@ def test_reward_settings_reach_the_scores(tmp_path):
     path = tmp_path / "official.json"
     path.write_text(json.dumps({"reward_mode": "official", "reward_weights": {"iou": 2.0, "format": 0.5}}))
     def scored(argv):
-        return tg.score_completions([completion], record, tg.scoring_options(tg.parse_config(argv)))[0]
+        options = tg.scoring_options(**tg.reward_settings(tg.parse_config(argv)))
+        return tg.score_completions([completion], record, options)[0]
     default, official = scored([]), scored([str(path)])
     binary = scored(["--reward_gate_on_format=false", "--reward_iou_threshold=0.5"])
     assert default == {"iou": 0.0, "format": 0.0, "total": 0.0}  # gated: the answer is not on its own lines
