@@ -23,8 +23,8 @@ What it does, top to bottom:
    intervals, leave-group-out (all runs without domain d held out at once), and two references to read them
    against: the mean of the training runs, and the model refitted on shuffled scores.
 4. Proposals: SLSQP from several starts plus Dirichlet samples on the simplex, within per-domain bounds,
-   availability caps (w_d <= |D_d| / (steps x prompts per step), so that no domain runs out before the last step)
-   and a trust region around the observed mixtures; q diverse proposals, each with a bootstrap interval and
+   availability caps (w_d <= |D_d| / (steps x prompts per step), so that the interleave_under pool lasts the run
+   and no row is trained on twice) and a trust region around the observed mixtures; q diverse proposals, each with a bootstrap interval and
    P(better than uniform).
 Outputs in --out_dir: mixtures.json (train_grpo.py --mixture reads it), report.md, and PNG plots.
 """
