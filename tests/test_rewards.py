@@ -1,6 +1,5 @@
 """Hand-computed expected values for every reward of rewards.py, the router's totals, bad solutions, and the CLI."""
 import json
-import math
 import random
 import subprocess
 import sys

@@ -4,7 +4,6 @@ arithmetic by hand; the paper's study as printed commands; bad input."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
