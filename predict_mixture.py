@@ -734,8 +734,11 @@ def score_key(name):
 
 def run_name(path, root):
     """A run's name: its folder (the one above eval/<checkpoint>/, where evaluate.py writes) relative to the folder
-    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder."""
+    the user gave, so that out/mix1/grpo and out/mix2/grpo stay two runs. A file given directly: that folder.
+    evaluate.py --limit N writes to eval/<checkpoint>/limit-N/: the same run."""
     folder = os.path.dirname(os.path.abspath(path))
+    if re.fullmatch(r"limit-\d+", os.path.basename(folder)):
+        folder = os.path.dirname(folder)
     if os.path.basename(os.path.dirname(folder)) == "eval":
         folder = os.path.dirname(os.path.dirname(folder))
     if root is None:

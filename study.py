@@ -115,14 +115,17 @@ def training_state(folder):
     return "done" if step == planned_steps(folder) else "resume"
 
 
-def results_path(folder):
-    """evaluate.py's results of the run's final checkpoint (which exist only once that evaluation finished)."""
+def results_path(folder, limit):
+    """evaluate.py's results of the run's final checkpoint (which exist only once that evaluation finished); with
+    --limit N evaluate.py writes them to limit-N/ instead."""
     steps = planned_steps(folder)
-    return None if steps is None else os.path.join(folder, "eval", f"ckpt-{steps:06d}", "results.json")
+    if steps is None:
+        return None
+    return os.path.join(folder, "eval", f"ckpt-{steps:06d}", *([f"limit-{limit}"] if limit else []), "results.json")
 
 
-def is_evaluated(folder):
-    path = results_path(folder)
+def is_evaluated(folder, limit):
+    path = results_path(folder, limit)
     return path is not None and os.path.isfile(path)
 
 
@@ -133,7 +136,7 @@ def script(name):
 def run_commands(run, out_dir, train_args, data_dir, limit):
     """The commands a run still needs: training (fresh or resumed) unless it is done, then evaluation."""
     folder = run_folder(out_dir, run.name)
-    if is_evaluated(folder):  # evaluate.py checked the final checkpoint: no need to hash its weights again
+    if is_evaluated(folder, limit):  # evaluate.py checked the final checkpoint: no need to hash its weights again
         return []
     commands, state = [], training_state(folder)
     if state != "done":
@@ -235,12 +238,12 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def measure(runs, out_dir, objective):
+def measure(runs, out_dir, objective, limit):
     """{name: row} of every run with results: its mixture, In, Out and objective scores."""
     terms = predict_mixture.parse_objective(objective)
     rows = {}
     for run in runs:
-        path = results_path(run_folder(out_dir, run.name))
+        path = results_path(run_folder(out_dir, run.name), limit)
         if path is None or not os.path.isfile(path):
             continue
         result = predict_mixture.read_results_json(path)
@@ -556,7 +559,7 @@ def main(argv=None):
     failures = run_jobs({"base": base} if base else {}, 1, logs_dir, "base")
     if not failures:  # every run starts from the base
         failures.update(run_jobs(commands_of(seed_runs), args.jobs, logs_dir, "seed runs"))
-        finished = [f for f in seed_folders if is_evaluated(f)]
+        finished = [f for f in seed_folders if is_evaluated(f, limit)]
         if not os.path.isfile(mixtures_path) and finished:
             failures.update(run_jobs({"predict": predict_commands(finished, out_dir, config, args.objective, n_ours)},
                                      1, logs_dir, "predict"))
@@ -567,7 +570,7 @@ def main(argv=None):
     not_proposed = {r.name: why_not_proposed(r.name, notes) for r in proposal_runs
                     if predicted and r.name not in predicted}
     planned = seed_runs + proposal_runs
-    rows = measure(planned, out_dir, args.objective)
+    rows = measure(planned, out_dir, args.objective, limit)
     table = results_table([r["path"] for r in rows.values()])
     lines = write_report(out_dir, planned, rows, failures, not_proposed, predicted, args.objective, domains,
                          settings, table)

@@ -513,6 +513,18 @@ def test_runs_whose_folders_share_a_last_name_stay_apart(tmp_path):
     assert sorted(r["label"] for r in runs) == [f"mix{i}/grpo" for i in range(8)]
 
 
+def test_limited_evaluations_are_named_by_their_run(tmp_path):
+    """evaluate.py --limit 50 writes <run>/eval/ckpt-000030/limit-50/results.json (study.py --quick): three runs, not
+    one run called eval/ckpt-000030/limit-50 (which once left the quick study with '1 distinct mixture')."""
+    for i, a in enumerate((0.2, 0.5, 0.8)):
+        folder = tmp_path / "runs" / f"mix{i}" / "eval" / "ckpt-000030" / "limit-50"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"run": f"mix{i}", "step": 30, "mixture": {"a": a, "b": 1 - a},
+                                                         "in_score": 0.5, "out_score": 0.3}))
+    runs = pm.read_runs([str(tmp_path / "runs")], "last", [])
+    assert sorted(r["label"] for r in runs) == ["mix0", "mix1", "mix2"]
+
+
 @pytest.mark.parametrize("objective, shown", [("in_score", "1e+308"), ("2*in_score+-2*in_score", "nan")])
 def test_a_score_too_large_to_fit_is_an_error_naming_the_file(tmp_path, capsys, objective, shown):
     seed_runs_for(tmp_path / "runs")

@@ -64,7 +64,7 @@ def smoke(tmp_path_factory):
     complete = []
     while not complete and first.poll() is None:
         time.sleep(0.2)
-        complete = [name for name in SEED_RUNS if study.is_evaluated(str(out_dir / "runs" / name))]
+        complete = [name for name in SEED_RUNS if study.is_evaluated(str(out_dir / "runs" / name), 0)]
     assert first.poll() is None, "the study ended before it could be killed"
     at_kill = files_under(*[out_dir / "runs" / name for name in complete])
     first.kill()  # SIGKILL: no handler runs
@@ -92,7 +92,7 @@ def test_smoke_study_writes_the_report(smoke):
     out_dir = smoke["out_dir"]
     report = (out_dir / "report.md").read_text()
     for name in SEED_RUNS + ["proposal_1"]:
-        assert study.is_evaluated(str(out_dir / "runs" / name)), name
+        assert study.is_evaluated(str(out_dir / "runs" / name), 0), name
         assert f"| {name} |" in report
     assert "| Heuristic | norm |" in report and "missing" in report
     assert "- **norm**: not proposed by predict_mixture.py: heuristic norm skipped" in report
@@ -127,6 +127,19 @@ def test_other_settings_in_the_same_folder_are_an_error(smoke):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the parts, on their own
+
+def test_a_limited_evaluation_is_found_where_evaluate_py_writes_it(tmp_path):
+    """--quick evaluates with --limit 50, and evaluate.py then writes to limit-50/: the study must look there (it
+    once looked only at the full evaluation's place, so a quick study found no row and re-evaluated every run)."""
+    (tmp_path / "config.json").write_text(json.dumps({"planned_steps": 30}))
+    limited = tmp_path / "eval" / "ckpt-000030" / "limit-50" / "results.json"
+    limited.parent.mkdir(parents=True)
+    limited.write_text("{}")
+    assert study.results_path(str(tmp_path), 50) == str(limited)
+    assert study.is_evaluated(str(tmp_path), 50)
+    assert not study.is_evaluated(str(tmp_path), 0)  # the full test sets are not evaluated yet
+    assert not study.is_evaluated(str(tmp_path), 20)
+
 
 def test_jobs_run_in_order_and_a_failure_ends_only_its_job(tmp_path):
     python = sys.executable
