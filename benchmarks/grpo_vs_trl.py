@@ -59,9 +59,8 @@ def parse_args():
                    help="work folder and report (default out/bench)")
     p.add_argument("--rev", action="append", default=[],
                    help="also run train_grpo.py as of this git revision (repeatable; it must know ignore_eos)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="OMP_NUM_THREADS for both sides (default: torch's choice, one per core); 1 keeps other jobs "
-                        "on a small shared machine from stalling every parallel op")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS for both sides (default 1, train_grpo.py's own default; 0: one per core)")
     p.add_argument("--no_scaling", dest="scaling", action="store_false", help="skip the G / length scaling runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run TRL's side from this spec file
     args = p.parse_args()
@@ -405,8 +404,8 @@ def main():
         return trl_worker(args.worker)
     if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
         raise SystemExit(f"error: {args.data_dir}/manifest.json not found: run `python prepare_data.py` first")
-    if args.threads:
-        CHILD_ENV["OMP_NUM_THREADS"] = str(args.threads)
+    # set for both sides either way: train_grpo.py would otherwise default to one thread and TRL to one per core
+    CHILD_ENV["OMP_NUM_THREADS"] = str(args.threads or os.cpu_count())
     args.out = os.path.abspath(args.out)
     args.data_dir = os.path.abspath(args.data_dir)
     os.makedirs(args.out, exist_ok=True)

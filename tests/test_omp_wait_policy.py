@@ -1,5 +1,6 @@
 """The scripts set OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made a GRPO step 10-20x
-slower while another program used a core), and leave a user's own setting alone."""
+slower while another program used a core), the compute scripts one torch thread (faster than two at the testbed's
+size), and leave a user's own settings alone."""
 import os
 import subprocess
 import sys
@@ -15,18 +16,18 @@ seen = []
 class Spy:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            seen.append(os.environ.get("{variable}"))
 sys.meta_path.insert(0, Spy())
 import {script}
 print(seen[0] if seen else "torch not imported")
 """
 
 
-def policy_when_torch_loads(script, policy=None):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def policy_when_torch_loads(script, policy=None, variable="OMP_WAIT_POLICY"):
+    env = {k: v for k, v in os.environ.items() if k != variable}
     if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
-    proc = subprocess.run([sys.executable, "-c", SPY.format(script=script)], cwd=ROOT, env=env,
+        env[variable] = policy
+    proc = subprocess.run([sys.executable, "-c", SPY.format(script=script, variable=variable)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -39,3 +40,12 @@ def test_passive_before_torch_loads_when_unset(script):
 
 def test_a_users_setting_wins():
     assert policy_when_torch_loads("train_grpo", policy="ACTIVE") == "ACTIVE"
+
+
+@pytest.mark.parametrize("script", ["train_grpo", "cold_start", "evaluate"])
+def test_one_torch_thread_when_unset(script):
+    assert policy_when_torch_loads(script, variable="OMP_NUM_THREADS") == "1"
+
+
+def test_a_users_thread_count_wins():
+    assert policy_when_torch_loads("evaluate", policy="2", variable="OMP_NUM_THREADS") == "2"
