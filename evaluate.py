@@ -759,6 +759,13 @@ def weighted_score(benchmarks, role):
     return sum(b["score"] * b["n"] for b in chosen) / total if total else None
 
 
+def chance_score(rows):
+    """The expected score of a uniform guess among each item's options (a 2-option set's 0.5 is no skill); None
+    when an item has no options to guess among."""
+    sizes = [len(meta.get("options") or ()) for _, _, meta in rows]
+    return sum(1 / n for n in sizes) / len(sizes) if sizes and all(sizes) else None
+
+
 def score_sets(sets, rows_of, completions):
     """(benchmarks, predictions): every item's completion scored under its set's metric."""
     benchmarks, predictions = {}, []
@@ -773,7 +780,7 @@ def score_sets(sets, rows_of, completions):
             predictions.append({"set": s.name, "id": record_id, "completion": completion, "answer": parsed,
                                 "solution": solution, "score": score})
         benchmarks[s.name] = {"score": sum(scores) / len(scores) if scores else 0.0, "n": len(scores),
-                              "metric": s.metric, "role": s.role}
+                              "metric": s.metric, "role": s.role, "chance": chance_score(rows_of[s.name])}
     return benchmarks, predictions
 
 
@@ -923,7 +930,9 @@ def results_table(all_results):
                      f" | {format_score(r['in_score'])} | {format_score(r['out_score'])} |")
     lines.append("")
     lines.append("In / Out: means over the in-domain / out-of-domain sets weighted by their sizes. Sets: " +
-                 "; ".join(f"{header(n)} {b['metric']}, n={b['n']}, {b['role']}" for n, b in names.items()) + ".")
+                 "; ".join(f"{header(n)} {b['metric']}, n={b['n']}, {b['role']}" +
+                           (f", chance {b['chance']:.2f}" if b.get("chance") is not None else "")
+                           for n, b in names.items()) + ".")
     return "\n".join(lines)
 
 

@@ -275,6 +275,20 @@ def test_table_reproduces_paper_rows(tmp_path, capsys):
     assert "LISA iou, n=3397, in" in lines[-1] and "MMMU mmmu_accuracy, n=900, out" in lines[-1]
 
 
+def test_chance_is_the_mean_of_one_over_the_options_and_shown_in_the_table(tmp_path, capsys):
+    two, four = {"options": {"A": "x", "B": "y"}}, {"options": {k: k for k in "ABCD"}}
+    assert evaluate.chance_score([("a", "", two), ("b", "", four)]) == pytest.approx(0.375)  # (1/2 + 1/4) / 2
+    assert evaluate.chance_score([("a", "", two), ("b", "", {})]) is None  # an open answer has no chance level
+    assert evaluate.chance_score([]) is None
+    benchmarks = {"compare/test": {"score": 0.5, "n": 2, "metric": "choice", "role": "out", "chance": 0.375},
+                  "count/test": {"score": 0.1, "n": 3, "metric": "math", "role": "in", "chance": None}}
+    (tmp_path / "results.json").write_text(json.dumps({"run": "r", "step": 3, "mixture": {}, "benchmarks": benchmarks,
+                                                       "in_score": 0.1, "out_score": 0.5}))
+    evaluate.main(["--table", str(tmp_path)])
+    footer = capsys.readouterr().out.splitlines()[-1]
+    assert footer.endswith("Sets: count math, n=3, in; compare choice, n=2, out, chance 0.38.")
+
+
 def test_table_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         evaluate.main(["--table", str(tmp_path)])
