@@ -47,6 +47,7 @@ seed = 0                          # this stage's own: the tiny model's initial w
 steps = 300
 batch_size = 16                   # examples per step, domains drawn uniformly
 learning_rate = 3e-3              # AdamW, linear decay to 0
+train_vision = True               # False: the vision tower stays as loaded (README "Why the tiny model ignores its image")
 grad_clip = 1.0
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
 max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
@@ -88,9 +89,11 @@ def existing_recipe(folder):
 
 def train(datasets, model, tokenizer, image_processor):
     """steps of AdamW on the reference completions' negative log-likelihood; returns the last step's loss."""
-    model.requires_grad_(True)  # the vision tower too: a randomly initialised one must learn to see
+    model.requires_grad_(True)
+    if not train_vision:  # at lr 3e-3 a trained random tower collapses: every picture looks alike to the text
+        model.model.visual.requires_grad_(False)
     model.train()
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     rng = np.random.default_rng(seed + 1)

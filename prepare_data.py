@@ -424,10 +424,20 @@ SYNTHETIC = {
 }
 
 
-def synthetic_example(domain, split, index, seed):
+class OptionsInGivenOrder(random.Random):
+    """The rng of --option_order=fixed: the choice generators' one shuffle (of the options) does nothing, so each
+    option keeps its letter (spatial: A left, B right, C above, D below) and an answer letter is a function of the
+    answer's content. A 2-layer model then needs no content -> letter look-up in the prompt (issue 17)."""
+
+    def shuffle(self, x):
+        pass
+
+
+def synthetic_example(domain, split, index, seed, option_order="shuffled"):
     """One example, from its own rng: any record can be regenerated alone, and train and test never share a draw."""
     generate, _, kind = SYNTHETIC[domain]
-    example = generate(random.Random(f"{seed}/{domain}/{split}/{index}"))
+    rng_class = OptionsInGivenOrder if option_order == "fixed" else random.Random
+    example = generate(rng_class(f"{seed}/{domain}/{split}/{index}"))
     image = example["image"] if "image" in example else draw(example["objects"], example["canvas"])
     problem = example["problem"] + (SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
     meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": example["rationale"],
@@ -445,18 +455,19 @@ def synthetic_splits(n_train, n_test, only=None):
             if only in (None, split)]
 
 
-def build_synthetic(data_dir, seed, splits, force=False):
+def build_synthetic(data_dir, seed, splits, force=False, option_order="shuffled"):
+    source = f"synthetic (seed {seed})" + (", options in a fixed order" if option_order == "fixed" else "")
     for domain, split, n in splits:
-        recipe = {"source": f"synthetic (seed {seed})", "rows": n, "script_sha256": script_sha256()}
+        recipe = {"source": source, "rows": n, "script_sha256": script_sha256()}
         if not force and is_up_to_date(data_dir, domain, split, recipe):
             print(f"{domain}/{split}: up to date")
             continue
         records, digests = [], []
         for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
-            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed)
+            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed, option_order)
             records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
             digests.append(record_digest(records[-1], image))
-        info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": f"synthetic (seed {seed})"}
+        info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": source}
         entry = write_split(data_dir, domain, split, records, digests, [], info, recipe)
         print(f"{domain}/{split}: {entry['rows']} rows")
 
@@ -970,6 +981,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="synthetic suite: seed (default 0)")
     p.add_argument("--n_train", type=int, default=3000, help="synthetic suite: examples per training domain")
     p.add_argument("--n_test", type=int, default=300, help="synthetic suite: test examples per domain")
+    p.add_argument("--option_order", choices=["shuffled", "fixed"], default="shuffled",
+                   help="synthetic suite: multiple-choice options shuffled per record (default), or always in the "
+                        "same order, so that a tiny model need not look an answer's letter up (README, issue 17)")
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
@@ -1003,7 +1017,7 @@ def main(argv=None):
     planned = [f"{domain}/{split}" for domain, split, _ in synthetic] + [f"{name}/{split}" for name, split, _ in jobs]
     mark_pending(args.data_dir, planned, True)
     try:
-        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force)
+        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force, option_order=args.option_order)
         for name, split, source in jobs:
             convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
     except (Exception, SystemExit):  # an error on screen: the manifest lists what was built (a kill or Ctrl-C, which

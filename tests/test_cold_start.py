@@ -2,6 +2,8 @@
 itself is the session's cold_start_dir fixture (conftest.py), which every training test starts from."""
 import json
 
+import torch
+
 import cold_start
 import vlm
 from tiny_runs import cold_start as run_cold_start
@@ -41,3 +43,18 @@ def test_a_folder_that_is_no_cold_start_is_never_replaced(data_dir, tmp_path):
     proc = run_cold_start(data_dir, tmp_path / "run", check=False)
     assert proc.returncode != 0 and "is not a cold start" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_train_vision_false_leaves_the_vision_tower_as_loaded(data_dir, monkeypatch):
+    for name, value in {"train_vision": False, "steps": 2, "batch_size": 2}.items():
+        monkeypatch.setattr(cold_start, name, value)
+    manifest = vlm.load_manifest(str(data_dir))
+    datasets = {d: cold_start.load_train_split(str(data_dir), manifest, d) for d in cold_start.training_domains(manifest)}
+    model, tokenizer, image_processor = vlm.load_policy("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cold_start.train(datasets, model, tokenizer, image_processor)
+    after = model.state_dict()
+    vision = [k for k in before if "visual" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
+                           after["model.language_model.layers.0.mlp.up_proj.weight"])

@@ -471,6 +471,24 @@ def test_same_seed_same_fingerprint_other_seed_other_fingerprint(synthetic, tmp_
     assert P.fingerprint(load(synthetic, "syn_ground", "test")) == ours[("syn_ground", "test")]
 
 
+def test_fixed_option_order_keeps_each_option_on_its_letter():
+    """--option_order=fixed: spatial options are always A left, B right, C above, D below, so the letter follows from
+    the relation; the default shuffles them per record."""
+    letters = {}
+    for i in range(40):
+        _, _, problem, solution, meta = P.synthetic_example("syn_spatial", "train", i, 0, option_order="fixed")
+        assert meta["options"] == {"A": "left", "B": "right", "C": "above", "D": "below"}
+        assert "\nA. left\nB. right\nC. above\nD. below " in problem
+        relation = next(r for r, words in P.RELATIONS.items() if f" is {words} the " in meta["rationale"])
+        letters[relation] = solution
+    assert letters == {"left": "<answer>A</answer>", "right": "<answer>B</answer>", "above": "<answer>C</answer>",
+                       "below": "<answer>D</answer>"}
+    _, _, _, _, meta = P.synthetic_example("syn_science", "test", 0, 0, option_order="fixed")
+    assert list(meta["options"].values()) in (["0", "3", "4"], ["green", "orange", "purple"])
+    shuffled = {json.dumps(P.synthetic_example("syn_spatial", "train", i, 0)[4]["options"]) for i in range(40)}
+    assert len(shuffled) > 1
+
+
 def test_contact_sheet(tmp_path):
     from PIL import Image
     P.main(["--contact_sheet", str(tmp_path / "sheet.png"), "--data_dir", str(tmp_path / "data")])
