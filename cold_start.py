@@ -133,11 +133,13 @@ def main(argv):
     domains = training_domains(manifest)
     settings = recipe(config, manifest, domains)
     previous = existing_recipe(out_dir)
-    if previous == settings:
-        print(f"cold start: {out_dir} is up to date (same settings and data), nothing to do")
-        return
     if previous is not None:
-        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        # a setting the folder's recipe lacks is one added since, at its default: the behaviour of the older version
+        changed = sorted(k for k in settings.keys() | previous.keys()
+                         if settings.get(k, DEFAULTS.get(k)) != previous.get(k, DEFAULTS.get(k)))
+        if not changed:
+            print(f"cold start: {out_dir} is up to date (same settings and data), nothing to do")
+            return
         raise SystemExit(f"error: {out_dir} holds a cold start made with other {', '.join(changed)}; GRPO runs may "
                          "have started from it: delete it or choose another --out_dir")
     datasets = {d: load_train_split(data_dir, manifest, d) for d in domains}

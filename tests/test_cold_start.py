@@ -1,6 +1,7 @@
 """cold_start.py: the reference completions it imitates, and its output reused or protected on a rerun. The run
 itself is the session's cold_start_dir fixture (conftest.py), which every training test starts from."""
 import json
+import shutil
 
 import torch
 
@@ -28,6 +29,19 @@ def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
     proc = run_cold_start(data_dir, cold_start_dir)
     assert "is up to date" in proc.stdout
     assert (cold_start_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_cold_start_from_before_a_setting_existed_counts_as_made_at_its_default(data_dir, cold_start_dir, tmp_path):
+    """train_vision came later: a cold start recorded without it was made with the tower trained, its default."""
+    old = tmp_path / "old"
+    shutil.copytree(cold_start_dir, old)
+    info = json.loads((old / "cold_start.json").read_text())
+    del info["settings"]["train_vision"]
+    (old / "cold_start.json").write_text(json.dumps(info))
+    vlm.write_checksums(str(old))
+    assert "is up to date" in run_cold_start(data_dir, old).stdout
+    refused = run_cold_start(data_dir, old, "--train_vision=false", check=False)
+    assert refused.returncode != 0 and "made with other train_vision" in refused.stderr
 
 
 def test_rerun_with_other_settings_is_refused(data_dir, cold_start_dir):
