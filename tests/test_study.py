@@ -250,7 +250,7 @@ def test_the_testbed_study_starts_with_one_cold_start(tmp_path, capsys, monkeypa
     study.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'study'}", "--quick", "--print_commands"])
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert lines[0] == f"python cold_start.py --data_dir={data_dir}"  # train_grpo.py's default init_from is its output
-    assert all("--init_from" not in line and "--max_steps=30" in line and "--limit 50" in line for line in lines[1:14])
+    assert all("--init_from" not in line and "--max_steps=20" in line and "--limit 40" in line for line in lines[1:14])
 
 
 @pytest.mark.parametrize("argv, message", [
