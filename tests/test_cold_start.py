@@ -31,8 +31,9 @@ def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
     assert (cold_start_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_a_cold_start_from_before_a_setting_existed_counts_as_made_at_its_default(data_dir, cold_start_dir, tmp_path):
-    """train_vision came later: a cold start recorded without it was made with the tower trained, its default."""
+def test_a_cold_start_from_before_a_setting_existed_counts_as_made_the_old_way(data_dir, cold_start_dir, tmp_path):
+    """train_vision came later: a cold start recorded without it was made with the tower trained (the default then
+    and the fixture's setting; today's default is False)."""
     old = tmp_path / "old"
     shutil.copytree(cold_start_dir, old)
     info = json.loads((old / "cold_start.json").read_text())

@@ -472,8 +472,8 @@ def test_same_seed_same_fingerprint_other_seed_other_fingerprint(synthetic, tmp_
 
 
 def test_fixed_option_order_keeps_each_option_on_its_letter():
-    """--option_order=fixed: spatial options are always A left, B right, C above, D below, so the letter follows from
-    the relation; the default shuffles them per record."""
+    """--option_order=fixed (the default): spatial options are always A left, B right, C above, D below, so the letter
+    follows from the relation; --option_order=shuffled shuffles them per record."""
     letters = {}
     for i in range(40):
         _, _, problem, solution, meta = P.synthetic_example("syn_spatial", "train", i, 0, option_order="fixed")
@@ -485,7 +485,8 @@ def test_fixed_option_order_keeps_each_option_on_its_letter():
                        "below": "<answer>D</answer>"}
     _, _, _, _, meta = P.synthetic_example("syn_science", "test", 0, 0, option_order="fixed")
     assert list(meta["options"].values()) in (["0", "3", "4"], ["green", "orange", "purple"])
-    shuffled = {json.dumps(P.synthetic_example("syn_spatial", "train", i, 0)[4]["options"]) for i in range(40)}
+    assert P.synthetic_example("syn_spatial", "train", 7, 0) == P.synthetic_example("syn_spatial", "train", 7, 0, "fixed")
+    shuffled = {json.dumps(P.synthetic_example("syn_spatial", "train", i, 0, "shuffled")[4]["options"]) for i in range(40)}
     assert len(shuffled) > 1
 
 
