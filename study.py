@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEURISTICS = ["alpha_in", "alpha_out", "alpha_bal", "coli", "norm"]
 DEFAULT_PROPOSALS = HEURISTICS + ["quad_surface_1", "proposal_1", "proposal_2", "proposal_3"]
 GROUPS = ["Single", "ExcludeOne", "All", "Heuristic", "ModelBased", "Ours"]
-QUICK = {"max_steps": 20, "limit": 40}  # 30 steps and 50 items took 10:47 with a fresh cold start
+QUICK = {"max_steps": 20, "limit": 40}  # 30 steps and 50 items took 10:47 with the 1.5-minute cold start of then
 NOISE_Z = 2.0          # a difference counts when it is more than 2 SDs of (one run - the uniform mean)
 TAIL_LINES = 20        # of a failed job's log, in the console and the report
 
