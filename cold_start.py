@@ -53,18 +53,27 @@ grad_clip = 1.0
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
 max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
 system_prompt = "default"         # vlm.SYSTEM_PROMPTS: the one the GRPO runs from this start use (train_grpo.py's)
+answers = "reference"             # "reference": each record's answer | "random": a random option letter or count
+                                  # 0-6 in choice and count records (the rationale stays true), left for RL to learn
 # --- end config -------------------------------------------------------------------------------------------
 
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # Settings added since cold_start.json was first written, at the value the versions before them used: a folder
 # whose recipe lacks one was made that way.
-ADDED_SETTINGS = {"train_vision": True}
+ADDED_SETTINGS = {"train_vision": True, "answers": "reference"}
 
 
-def reference_completion(solution, meta):
+def reference_completion(solution, meta, rng=None):
+    """The completion the cold start imitates: the record's rationale in <think>, its answer in <answer>. Given rng
+    (answers="random"), a choice answer becomes a random option letter and a count a random number 0-6: the model
+    still learns the format and to describe its picture, and GRPO has the answer left to learn (README, item 11)."""
     answer = rewards.extract_answer(solution)
     answer = solution if answer is None else answer
+    if rng is not None and meta.get("options"):
+        answer = str(rng.choice(sorted(meta["options"])))
+    elif rng is not None and answer.strip().isdigit():
+        answer = str(rng.integers(0, 7))
     return f"<think>\n{meta.get('rationale', '')}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
 
 
@@ -101,6 +110,7 @@ def train(datasets, model, tokenizer, image_processor):
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     rng = np.random.default_rng(seed + 1)
+    answer_rng = np.random.default_rng(seed + 2) if answers == "random" else None
     domains = sorted(datasets)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bar = tqdm(range(steps), desc="cold start", dynamic_ncols=True)
@@ -111,7 +121,8 @@ def train(datasets, model, tokenizer, image_processor):
             problem, image, solution, _, meta = record_fields(datasets[d][row])
             problems.append(problem)
             images.append(image)
-            targets.append(tokenizer.encode(reference_completion(solution, meta), add_special_tokens=False) + [eos])
+            completion = reference_completion(solution, meta, answer_rng)
+            targets.append(tokenizer.encode(completion, add_special_tokens=False) + [eos])
         prompts = vlm.encode_prompts(tokenizer, image_processor, problems, images, max_prompt_length,
                                      vlm.system_prompt_text(system_prompt))
         ids, mask = vlm.pad_completions(targets, tokenizer.pad_token_id, "cpu")
@@ -133,6 +144,8 @@ def main(argv):
         vlm.system_prompt_text(system_prompt)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if answers not in ("reference", "random"):
+        raise SystemExit(f"error: answers={answers!r}; use 'reference' or 'random'")
     manifest = vlm.load_manifest(data_dir)
     domains = training_domains(manifest)
     settings = recipe(config, manifest, domains)

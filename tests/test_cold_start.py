@@ -24,6 +24,28 @@ def test_output_is_a_checkpoint_with_its_recipe(cold_start_dir):
     assert "out_dir" not in info["settings"] and "data_dir" not in info["settings"]
 
 
+def test_random_answers_keep_the_rationale_and_the_format_and_draw_only_valid_answers():
+    """answers="random": choice answers become uniformly drawn option letters and counts numbers 0-6; boxes, the
+    rationale and the layout stay as they are."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    choice = {"rationale": "a circle has 0 sides", "options": {"A": "0", "B": "3", "C": "4"}}
+    letters = [cold_start.reference_completion("<answer>A</answer>", choice, rng) for _ in range(300)]
+    assert {c.replace("<think>\na circle has 0 sides\n</think>\n<answer>\n", "") for c in letters} == \
+        {"A\n</answer>", "B\n</answer>", "C\n</answer>"}
+    assert 70 <= sum(c.endswith("A\n</answer>") for c in letters) <= 130  # about a third: 100 expected
+    counts = {cold_start.reference_completion("<answer>3</answer>", {"rationale": "3 red circles"}, rng)
+              for _ in range(200)}
+    assert counts == {f"<think>\n3 red circles\n</think>\n<answer>\n{n}\n</answer>" for n in range(7)}
+    box = cold_start.reference_completion("<answer>[1, 2, 3, 4]</answer>", {"rationale": "top left"}, rng)
+    assert box == "<think>\ntop left\n</think>\n<answer>\n[1, 2, 3, 4]\n</answer>"
+
+
+def test_an_unknown_answers_setting_is_a_one_line_error(data_dir, tmp_path):
+    proc = run_cold_start(data_dir, tmp_path / "cs", "--answers=shuffled", check=False)
+    assert proc.returncode != 0 and "error: answers='shuffled'; use 'reference' or 'random'" in proc.stderr
+    assert not (tmp_path / "cs").exists()
+
 def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
     before = (cold_start_dir / "model.safetensors").stat().st_mtime_ns
     proc = run_cold_start(data_dir, cold_start_dir)

@@ -19,7 +19,8 @@ SEED_RUNS = ["single_syn_count", "exclude_syn_count", "uniform", "uniform_seed1"
 
 
 def tiny_training(data_dir, base):
-    return [f"--data_dir={data_dir}", f"--init_from={base}", "--max_steps=2",
+    """2 steps at a rate high enough (the default's 1e-4 is not) that the runs' scores differ."""
+    return [f"--data_dir={data_dir}", f"--init_from={base}", "--max_steps=2", "--learning_rate=1e-3",
             "--max_completion_length=16", "--prompts_per_step=2", "--checkpoint_every=1"]
 
 
