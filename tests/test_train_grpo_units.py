@@ -413,7 +413,7 @@ def test_resume_refuses_settings_that_cannot_apply_and_keeps_config_json(tmp_pat
     vlm.write_checksums(str(folder))
     (out / "config.json").write_text(json.dumps(run_info))
     resumed = tg.parse_config(["--learning_rate=0.5", "--seed=7", "--checkpoint_every=5", "--resume"])
-    with pytest.raises(SystemExit, match=r"did not start with: learning_rate 0\.0003 -> 0\.5, seed 0 -> 7; "):
+    with pytest.raises(SystemExit, match=r"did not start with: learning_rate 0\.0001 -> 0\.5, seed 0 -> 7; "):
         tg.start_or_resume(Accelerator(cpu=True), None, str(out), True, dict(run_info, config=resumed), print)
     assert json.loads((out / "config.json").read_text()) == run_info  # still the settings that ran
     # where things are, logging and rollout serving may change; a setting an older version had is ignored
