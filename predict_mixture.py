@@ -16,10 +16,9 @@ What it does, top to bottom:
    out_score (whatever the objective), and its QuadSurface model (least squares on [1, w, w (x) w], Gaussian
    sampling, top-k). Table 2 rows whose weights the paper did not publish (heuristic, model-based, base) are not
    fitted.
-2. Our model (scikit-learn and LightGBM, penalties by cross-validation on the runs given): a lasso in
-   log(w + floor), gradient-boosted trees, or the mean rank of both, whichever 5-fold cross-validation on the runs
-   given ranks best. Also fitted and validated: ridge (linear in w) and the Scheffe quadratic (w_i and w_i w_j
-   terms, ridge).
+2. Our model (scikit-learn and LightGBM, penalties by cross-validation on the runs given): the mean rank of a
+   lasso in log(w + floor) and gradient-boosted trees. Also fitted and validated: ridge (linear in w) and the
+   Scheffe quadratic (w_i and w_i w_j terms, ridge).
 3. Validation on every call: leave-one-out and repeated K-fold Spearman, RMSE, top-1/top-3 regret with bootstrap
    intervals, leave-group-out (all runs without domain d held out at once), and two references to read them
    against: the mean of the training runs, and the model refitted on shuffled scores.
@@ -207,10 +206,9 @@ def quad_surface_proposals(W, y, k, seed, samples=20000):
 # ----------------------------------------------------------------------------------------------------------------
 # Our model. Each fit_<family>(W, u, settings, hyper=None) returns {"predict": f(W) -> u, "hyper": ...}; u is the
 # objective oriented so that higher is better. With `hyper` given, the penalty search is skipped (bootstrap refits
-# keep the penalty chosen on all runs). The default model, "ensemble", ranks by ENSEMBLE's two families: the lasso,
-# the trees or their mean rank, whichever cross-validation on the runs given ranks best (the lasso or the mean rank
-# with few runs, the trees with hundreds). Chosen on RegMix's 1M-parameter runs only (README, "Predicting the best
-# mixture"), where it beat the fixed mean rank, each family alone and every stacked or Gaussian-process variant tried.
+# keep the penalty chosen on all runs). The default model, "ensemble", is the mean rank of ENSEMBLE's two families:
+# chosen on RegMix's 1M-parameter runs only (README, "Predicting the best mixture"), where it beat each family alone
+# and every stacked or Gaussian-process variant tried.
 
 RIDGE_PENALTIES = np.logspace(-4, 4, 33)
 ENSEMBLE = ["log_lasso", "lightgbm"]
@@ -288,28 +286,11 @@ def folds_of(n, k, seed):
     return np.array_split(np.random.default_rng(seed).permutation(n), min(k, n))
 
 
-def chosen_voters(W, u, voters, settings):
-    """Which of ENSEMBLE's families to rank by, chosen on these runs: each family alone or the mean rank of all, by
-    the Spearman of 5-fold held-out predictions (pooled). Trees need many runs to beat the lasso; this lets the
-    runs say when they have enough. A tie keeps the mean rank."""
-    if len(voters) < 2:
-        return voters
-    held = {f: np.zeros(len(u)) for f in voters}
-    for fold in folds_of(len(u), 5, settings["seed"]):
-        train = np.setdiff1d(np.arange(len(u)), fold)
-        for f in voters:
-            held[f][fold] = FIT[f](W[train], u[train], settings)["predict"](W[fold])
-    options = [voters] + [[f] for f in voters]
-    score = lambda fams: spearman(sum(rankdata(held[f]) for f in fams), u)
-    return max(options, key=score)
-
-
 def fit_model(W, u, families, settings):
     """Every family in `families` fitted on all runs; the model ranks by the mean rank of those in ENSEMBLE (or of
-    all of them when none is) that cross-validation on the runs chose."""
+    all of them when none is)."""
     members = {f: FIT[f](W, u, settings) for f in families}
     voters = [f for f in families if f in ENSEMBLE] or families
-    voters = chosen_voters(W, u, voters, settings)
     return {"members": members, "weights": {f: 1 / len(voters) for f in voters}}
 
 
