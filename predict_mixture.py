@@ -16,9 +16,10 @@ What it does, top to bottom:
    out_score (whatever the objective), and its QuadSurface model (least squares on [1, w, w (x) w], Gaussian
    sampling, top-k). Table 2 rows whose weights the paper did not publish (heuristic, model-based, base) are not
    fitted.
-2. Our model (scikit-learn and LightGBM, penalties by cross-validation on the runs given): the mean rank of a
-   lasso in log(w + floor) and gradient-boosted trees. Also fitted and validated: ridge (linear in w) and the
-   Scheffe quadratic (w_i and w_i w_j terms, ridge).
+2. Our model (scikit-learn and LightGBM, penalties by cross-validation on the runs given): a lasso in
+   log(w + floor), gradient-boosted trees, or the mean rank of both, whichever 5-fold cross-validation on the runs
+   given ranks best. Also fitted and validated: ridge (linear in w) and the Scheffe quadratic (w_i and w_i w_j
+   terms, ridge).
 3. Validation on every call: leave-one-out and repeated K-fold Spearman, RMSE, top-1/top-3 regret with bootstrap
    intervals, leave-group-out (all runs without domain d held out at once), and two references to read them
    against: the mean of the training runs, and the model refitted on shuffled scores.
@@ -206,9 +207,10 @@ def quad_surface_proposals(W, y, k, seed, samples=20000):
 # ----------------------------------------------------------------------------------------------------------------
 # Our model. Each fit_<family>(W, u, settings, hyper=None) returns {"predict": f(W) -> u, "hyper": ...}; u is the
 # objective oriented so that higher is better. With `hyper` given, the penalty search is skipped (bootstrap refits
-# keep the penalty chosen on all runs). The default model, "ensemble", is the mean rank of ENSEMBLE's two families:
-# chosen on RegMix's 1M-parameter runs only (README, "Predicting the best mixture"), where it beat each family alone
-# and every stacked or Gaussian-process variant tried.
+# keep the penalty chosen on all runs). The default model, "ensemble", ranks by ENSEMBLE's two families: the lasso,
+# the trees or their mean rank, whichever cross-validation on the runs given ranks best (the lasso or the mean rank
+# with few runs, the trees with hundreds). Chosen on development data only (README, "Predicting the best mixture"):
+# RegMix's 1M-parameter runs and its 60M-parameter test runs, never its 1B runs.
 
 RIDGE_PENALTIES = np.logspace(-4, 4, 33)
 ENSEMBLE = ["log_lasso", "lightgbm"]
@@ -257,8 +259,9 @@ def fit_log_lasso(W, u, settings, hyper=None):
 
 def fit_lightgbm(W, u, settings, hyper=None):
     """Gradient-boosted trees with RegMix's settings (1,000 trees, learning rate 0.01), leaves of at least n/20 runs
-    (at least 2) instead of LightGBM's 20, so that 20 runs can split at all."""
-    model = lightgbm.LGBMRegressor(n_estimators=1000, learning_rate=0.01, min_child_samples=max(2, len(u) // 20),
+    (between 2 and LightGBM's default 20): 20 runs can split at all, and 400 or more get RegMix's model exactly."""
+    leaf = min(20, max(2, len(u) // 20))
+    model = lightgbm.LGBMRegressor(n_estimators=1000, learning_rate=0.01, min_child_samples=leaf,
                                    random_state=settings["seed"], n_jobs=1, verbose=-1).fit(W, u)
     return {"predict": model.predict, "hyper": None}
 
@@ -286,12 +289,34 @@ def folds_of(n, k, seed):
     return np.array_split(np.random.default_rng(seed).permutation(n), min(k, n))
 
 
-def fit_model(W, u, families, settings):
-    """Every family in `families` fitted on all runs; the model ranks by the mean rank of those in ENSEMBLE (or of
-    all of them when none is)."""
+def chosen_voters(W, u, voters, settings):
+    """Which of the voting families to rank by, chosen on these runs: each alone or the mean rank of all, by the
+    Spearman of their 5-fold held-out predictions (pooled). Trees need many runs to beat the lasso; this lets the
+    runs say when they have enough. A tie keeps the mean rank."""
+    if len(voters) < 2:
+        return voters
+    held = {f: np.zeros(len(u)) for f in voters}
+    for fold in folds_of(len(u), 5, settings["seed"]):
+        train = np.setdiff1d(np.arange(len(u)), fold)
+        for f in voters:
+            held[f][fold] = FIT[f](W[train], u[train], settings)["predict"](W[fold])
+    options = [voters] + [[f] for f in voters]
+    return max(options, key=lambda fams: spearman(sum(rankdata(held[f]) for f in fams), u))
+
+
+def fit_model(W, u, families, settings, voters=None):
+    """Every family in `families` fitted on all runs; the model ranks by `voters`, or, when not given, by those of
+    ENSEMBLE (all families when none is) that cross-validation on these runs chose."""
     members = {f: FIT[f](W, u, settings) for f in families}
-    voters = [f for f in families if f in ENSEMBLE] or families
+    if voters is None:
+        voters = chosen_voters(W, u, [f for f in families if f in ENSEMBLE] or families, settings)
     return {"members": members, "weights": {f: 1 / len(voters) for f in voters}}
+
+
+def model_text(model):
+    """What the model ranks by, in words: one family, or the mean rank of several."""
+    names = list(model["weights"])
+    return names[0] + " alone" if len(names) == 1 else "mean rank of " + " and ".join(names)
 
 
 def predict_value(model, V):
@@ -342,13 +367,14 @@ def metrics_with_intervals(predicted, actual, seed, resamples=1000):
             for j, name in enumerate(names)}
 
 
-def held_out_predictions(W, u, families, settings, splits, desc):
-    """For each (train, held-out) split: the model and every member, fitted on train, predicting held-out; and two
-    references: the paper's QuadSurface and the mean of the training runs (a model that knows nothing)."""
+def held_out_predictions(W, u, families, voters, settings, splits, desc):
+    """For each (train, held-out) split: the model (ranking by `voters`, chosen once on all runs) and every member,
+    fitted on train, predicting held-out; and two references: the paper's QuadSurface and the mean of the training
+    runs (a model that knows nothing)."""
     names = ["ensemble"] + families + ["quad_surface", "mean_only"]
     out = {name: np.full(len(u), np.nan) for name in names}
     for train, held in tqdm(splits, desc=desc, leave=False, disable=settings["quiet"]):
-        model = fit_model(W[train], u[train], families, settings)
+        model = fit_model(W[train], u[train], families, settings, voters)
         out["ensemble"][held] = predict_value(model, W[held])
         for f in families:
             out[f][held] = model["members"][f]["predict"](W[held])
@@ -357,23 +383,24 @@ def held_out_predictions(W, u, families, settings, splits, desc):
     return out
 
 
-def shuffled_metrics(W, u, families, settings, splits):
+def shuffled_metrics(W, u, voters, settings, splits):
     """The model's held-out metrics on scores shuffled across runs, where no mixture predicts its score: the mean
     over permutations and the range (5-95%) they span. A real score below that range is chance."""
     rng = np.random.default_rng(settings["seed"])
-    voters = [f for f in families if f in ENSEMBLE] or families
     draws = []
     for i in range(settings["permutations"]):
         shuffled = rng.permutation(u)
-        p = held_out_predictions(W, shuffled, voters, settings, splits, f"shuffled scores {i + 1}")["ensemble"]
+        p = held_out_predictions(W, shuffled, voters, voters, settings, splits, f"shuffled scores {i + 1}")["ensemble"]
         draws.append(metrics_with_intervals(p, shuffled, settings["seed"], resamples=1))
     return {key: {"value": float(np.mean([d[key]["value"] for d in draws])),
                   "interval": np.quantile([d[key]["value"] for d in draws], [0.05, 0.95]).tolist()}
             for key in draws[0]}
 
 
-def validate(W, u, families, settings, domains):
-    """Leave-one-out (10-fold above LOO_MAX_RUNS runs), repeated K-fold, and leave-group-out."""
+def validate(W, u, families, voters, settings, domains):
+    """Leave-one-out (10-fold above LOO_MAX_RUNS runs), repeated K-fold, and leave-group-out. The model ranks by
+    `voters` in every split: the choice among families is made once, on all runs (as the penalties of bootstrap
+    refits are), because repeating it in every split multiplied the fits tenfold."""
     n = len(u)
     everything = np.arange(n)
     if n <= LOO_MAX_RUNS:
@@ -381,18 +408,18 @@ def validate(W, u, families, settings, domains):
     else:
         loo_splits = [(np.setdiff1d(everything, h), h) for h in folds_of(n, 10, settings["seed"])]
         loo_name = "10-fold"
-    loo = held_out_predictions(W, u, families, settings, loo_splits, loo_name)
+    loo = held_out_predictions(W, u, families, voters, settings, loo_splits, loo_name)
     table = {name: metrics_with_intervals(p, u, settings["seed"]) for name, p in loo.items()}
     kfold = {name: [] for name in loo}
     for repeat in range(settings["repeats"]):
         splits = [(np.setdiff1d(everything, h), h) for h in folds_of(n, settings["folds"], settings["seed"] + 1 + repeat)]
-        for name, p in held_out_predictions(W, u, families, settings, splits,
+        for name, p in held_out_predictions(W, u, families, voters, settings, splits,
                                             f"{settings['folds']}-fold, repeat {repeat + 1}").items():
             kfold[name].append(spearman(p, u))
     for name in table:
         table[name]["kfold_spearman"] = {"mean": float(np.mean(kfold[name])), "sd": float(np.std(kfold[name]))}
     if settings["permutations"]:
-        table["shuffled"] = shuffled_metrics(W, u, families, settings, loo_splits)
+        table["shuffled"] = shuffled_metrics(W, u, voters, settings, loo_splits)
     groups = []
     for j, domain in enumerate(domains):
         held = np.where(W[:, j] <= 1e-9)[0]
@@ -400,7 +427,8 @@ def validate(W, u, families, settings, domains):
         if len(held) < 2 or len(train) < 3:
             continue
         fams = usable_families(families, len(train), W.shape[1])
-        p = held_out_predictions(W, u, fams, settings, [(train, held)], f"without {domain}")
+        kept = [f for f in voters if f in fams] or fams
+        p = held_out_predictions(W, u, fams, kept, settings, [(train, held)], f"without {domain}")
         groups.append({"held_out": f"runs without {domain}", "n": int(len(held)), "fitted_on": int(len(train)),
                        **{name: {"spearman": spearman(p[name][held], u[held]) if len(held) >= 3 else None,
                                  "rmse": float(np.sqrt(np.mean((p[name][held] - u[held]) ** 2)))}
@@ -694,7 +722,8 @@ def write_report(path, data, args, notes, validation, model, proposals, quad, pl
                      f"{'-' if g[k]['spearman'] is None else format(g[k]['spearman'], '.2f')} / {g[k]['rmse']:.4f}"
                      for k in names]
             lines.append(f"| {g['held_out']} | {g['n']} | {g['fitted_on']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Model", "", "Mean rank of: " + ", ".join(f"{f} ({w:.2f})" for f, w in model["weights"].items()),
+    lines += ["", "## Model", "", f"Ranks by the {model_text(model)} (chosen by 5-fold cross-validation on all "
+              "runs, and kept in every validation split and bootstrap refit).",
               "", "## Proposals", "",
               f"Constraints: bounds {args.bounds or 'none'}; availability caps "
               f"{ {k: round(v, 3) for k, v in data['caps'].items()} or 'none'} "
@@ -1128,11 +1157,11 @@ def run(argv=None):
         note(notes, "the paper's QuadSurface needs at least 5 distinct mixtures (80/20 splits); skipped")
     print(f"{len(u)} distinct mixtures from {data['n_runs']} runs, {len(d)} domains ({', '.join(d)}); "
           f"objective {args.objective} ({'lower' if args.minimize else 'higher'} is better)")
-    validation = validate(W, u, families, settings, d)
+    model = fit_model(W, u, chosen, settings)
+    validation = validate(W, u, families, list(model["weights"]), settings, d)
     caution = caution_of(validation, "ensemble" if args.model == "ensemble" else chosen[0])
     if caution:
         note(notes, caution)
-    model = fit_model(W, u, chosen, settings)
     proposals = propose(args, data, model, u, low, high, heuristics, quad)
     os.makedirs(args.out_dir, exist_ok=True)
     plots = plot_all(args.out_dir, data, sign, validation, proposals, model, args.objective)
@@ -1155,7 +1184,7 @@ def print_summary(args, data, validation, proposals, model, seconds, caution):
     print(f"\nvalidation ({validation['scheme']}; {int(INTERVAL * 100)}% bootstrap intervals):")
     for line in validation_table(validation):
         print("  " + line)
-    print("\nmodel: mean rank of " + ", ".join(f"{f} ({w:.2f})" for f, w in model["weights"].items()))
+    print("\nmodel: " + model_text(model))
     print(f"\nmixtures ({args.model} model predictions of {args.objective}):")
     width = max(len(p["name"]) for p in proposals)
     for i, p in enumerate(proposals):

@@ -6,11 +6,13 @@ held-out 1B-parameter runs, report the Spearman correlation with their actual lo
     python benchmarks/regmix_benchmark.py                        # n = 16, 20, 40, 512; 10 draws; pile_cc loss
     python benchmarks/regmix_benchmark.py --target=github --draws=3
     python benchmarks/regmix_benchmark.py --evaluate_on=unused_train   # model development: never the 1B runs
+    python benchmarks/regmix_benchmark.py --evaluate_on=test_60m       # development: RegMix's 256 60M test runs
     python benchmarks/regmix_benchmark.py --target=all --n=20,40,512      # every loss column, ours vs OLS, LightGBM
 
 Model choice and hyper-parameters come from the training runs only (predict_mixture.py's own cross-validation);
-the 1B runs are only scored. --evaluate_on=unused_train scores the 1M runs not drawn instead (8-fold at n=512) and
-is what the design of predict_mixture.py's defaults was checked against.
+the 1B runs are only scored. --evaluate_on=unused_train scores the 1M runs not drawn instead (8-fold at n=512),
+--evaluate_on=test_60m RegMix's 256 held-out 60M-parameter runs (a transfer across model sizes, like the 1B runs'):
+predict_mixture.py's defaults were chosen on these two, never on the 1B runs.
 Targets (issue 7): mean Spearman >= 0.88 at n=16, 0.90 at 20, 0.95 at 40, 0.98 at 512 (RegMix's LightGBM: 0.971).
 Every row also fits two baselines on the same runs: plain least squares on the weights (OLS) and LightGBM with
 RegMix's settings (1,000 trees, learning rate 0.01, LightGBM's other defaults: with 20 runs no leaf can split).
@@ -45,13 +47,14 @@ def loss_columns():
     return [c[len("metric/the_pile_"):-len("_val_loss")] for c in columns]
 
 
-def load(target):
-    """Training mixtures and losses (512 1M runs), test mixtures and losses (64 1B runs), for one loss column."""
+def load(target, test_size="1B"):
+    """Training mixtures and losses (512 1M runs), test mixtures and losses (64 1B runs, or the 256 60M runs), for one
+    loss column."""
     domains, W_train = read_matrix(os.path.join(DATA, "train_mixture_1m.csv"))
-    test_domains, W_test = read_matrix(os.path.join(DATA, "test_mixture_1B.csv"))
+    test_domains, W_test = read_matrix(os.path.join(DATA, f"test_mixture_{test_size}.csv"))
     assert test_domains == domains, "train and test mixtures list different domains"
     columns, L_train = read_matrix(os.path.join(DATA, "train_pile_loss_1m.csv"))
-    test_columns, L_test = read_matrix(os.path.join(DATA, "test_pile_loss_1B.csv"))
+    test_columns, L_test = read_matrix(os.path.join(DATA, f"test_pile_loss_{test_size}.csv"))
     wanted = f"metric/the_pile_{target}_val_loss"
     if wanted not in columns or wanted not in test_columns:
         names = [c[len("metric/the_pile_"):-len("_val_loss")] for c in columns]
@@ -86,7 +89,7 @@ def benchmark_row(n, draws, data, evaluate_on, settings, seed):
     draws = 1 if n >= len(loss) else draws
     for draw in range(draws):
         train = rng.choice(len(loss), n, replace=False) if n < len(loss) else np.arange(len(loss))
-        if evaluate_on == "test_1b":
+        if evaluate_on.startswith("test_"):
             r = score_once(W, loss, train, W_test, loss_test, settings)
         elif n < len(loss):
             unused = np.setdiff1d(np.arange(len(loss)), train)
@@ -102,8 +105,12 @@ def benchmark_row(n, draws, data, evaluate_on, settings, seed):
             "spearman": {k: [r.get(k, np.nan) for r in results] for k in names}}
 
 
+WHERE = {"test_1b": "the 64 RegMix 1B runs", "test_60m": "the 256 RegMix 60M test runs",
+         "unused_train": "the 1M training runs not drawn"}
+
+
 def markdown(rows, target, evaluate_on):
-    where = "the 64 RegMix 1B runs" if evaluate_on == "test_1b" else "the 1M training runs not drawn"
+    where = WHERE[evaluate_on]
     members = [k for k in rows[-1]["spearman"] if k != "ensemble"]
     lines = [f"Spearman between predicted and actual `{target}` loss of {where}; fitted on n of the 512 1M runs.", "",
              "| n | draws | ensemble mean | min | max | target | met | " + " | ".join(members) +
@@ -122,7 +129,7 @@ def markdown(rows, target, evaluate_on):
 
 def columns_markdown(table, sizes, evaluate_on):
     """One line per loss column: ours / OLS / LightGBM (RegMix's settings) at each n, and the mean line."""
-    where = "the 64 RegMix 1B runs" if evaluate_on == "test_1b" else "the 1M training runs not drawn"
+    where = WHERE[evaluate_on]
     names = ["ensemble", "ols", "lightgbm_regmix"]
     lines = [f"Mean Spearman with the actual loss of {where} (ours / OLS / LightGBM with RegMix's settings).", "",
              "| loss column | " + " | ".join(f"n = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
@@ -146,8 +153,9 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=10, help="random draws per n (default %(default)s)")
     p.add_argument("--target", default="pile_cc",
                    help="which validation loss, or 'all' for every column, one line each (default %(default)s)")
-    p.add_argument("--evaluate_on", default="test_1b", choices=["test_1b", "unused_train"],
-                   help="score the 1B test runs (default) or the unused 1M training runs (for development)")
+    p.add_argument("--evaluate_on", default="test_1b", choices=list(WHERE),
+                   help="score the 1B test runs (default), or for development the 60M test runs or the unused 1M "
+                        "training runs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.n.split(",")]
@@ -157,7 +165,7 @@ def main(argv=None):
     targets = loss_columns() if args.target == "all" else [args.target]
     table = {}
     for target in targets:
-        data = load(target)
+        data = load(target, "60m" if args.evaluate_on == "test_60m" else "1B")
         rows = []
         for n in sizes:
             rows.append(benchmark_row(n, args.draws, data, args.evaluate_on, settings, args.seed + n))
