@@ -778,10 +778,10 @@ def check_out_dir(out_dir):
         raise SystemExit(f"error: out_dir={out_dir} is not writable ({e.strerror}): choose another --out_dir")
 
 
-def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
-    """The step to start from: with resume the last complete checkpoint's, whose weights, optimizer, scheduler and
-    RNG states are loaded and after which metrics and samples are cut; else 0. A run stopped before its first
-    checkpoint is started over, with or without resume. Writes config.json."""
+def resume_point(out_dir, resume, run_info, log):
+    """(step, checkpoint folder) to resume from, or (0, None) to start: with resume the last complete checkpoint, if
+    it was written with these settings. Every refusal is here, before the model loads. A run stopped before its
+    first checkpoint is started over, with or without resume."""
     step, folder = last_good_checkpoint(out_dir, log) if resume else (None, None)
     if folder is not None:
         with open(os.path.join(folder, "trainer_state.json")) as f:
@@ -795,6 +795,19 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
             raise SystemExit(f"error: --resume with settings the run in {out_dir} did not start with: "
                              f"{', '.join(changed)}; a resumed run keeps its schedule, optimizer, reference model and "
                              "RNG, so they cannot apply: resume with its settings (config.json) or start a new out_dir")
+        return step, folder
+    if find_checkpoints(out_dir):
+        raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}" if resume else
+                         f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
+    if resume and not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        raise SystemExit(f"error: --resume but {out_dir} holds no run (no checkpoint, no metrics.jsonl)")
+    return 0, None
+
+
+def start_or_resume(accelerator, model, out_dir, step, folder, run_info, log):
+    """From resume_point's checkpoint: its weights, optimizer, scheduler and RNG states are loaded and metrics and
+    samples are cut after its step; without one, logs no checkpoint covers are discarded. Writes config.json."""
+    if folder is not None:
         vlm.load_weights(accelerator.unwrap_model(model), folder)
         stop_if_any_failed(accelerator, rng_state_problem(os.path.join(folder, "trainer"), accelerator.process_index))
         accelerator.load_state(os.path.join(folder, "trainer"))  # optimizer, scheduler, every process's RNG
@@ -802,18 +815,12 @@ def start_or_resume(accelerator, model, out_dir, resume, run_info, log):
         if accelerator.is_main_process:
             truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step, log)
             truncate_jsonl(os.path.join(out_dir, "samples.jsonl"), step, log)
-    elif find_checkpoints(out_dir):
-        raise SystemExit(f"error: --resume but no complete checkpoint in {out_dir}" if resume else
-                         f"error: {out_dir} already has checkpoints: pass --resume or choose another out_dir")
-    elif resume and not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
-        raise SystemExit(f"error: --resume but {out_dir} holds no run (no checkpoint, no metrics.jsonl)")
     elif accelerator.is_main_process:
         discard_unsaved_logs(out_dir, log)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         vlm.write_json_atomic(os.path.join(out_dir, "config.json"), run_info)
     accelerator.wait_for_everyone()
-    return step if folder else 0
 
 
 # Settings a resumed run may change: where things are, logging, and how rollouts are served. The mixture and
@@ -930,6 +937,9 @@ def main(argv):
         raise SystemExit("error: with max_steps=0, one pass over the interleave_under pool is shorter than one step "
                          "of prompts_per_step prompts; set max_steps > 0")
     owned, prompt_of = group_layout(prompts_per_step, num_generations, rank, world, micro_batch_size)
+    run_info = {"config": config, "mixture_weights": weights, "planned_steps": total_steps, "processes": world,
+                "start_from": init_from}
+    start_step, resume_from = resume_point(out_dir, resume, run_info, log)  # refusals before the model loads
 
     # model, frozen reference (beta > 0), AdamW with linear warm-up then linear decay over the updates
     model, tokenizer, image_processor = load_start_model(init_from, seed, max_pixels, freeze_vision)
@@ -943,9 +953,7 @@ def main(argv):
     skip_model_weights_in_trainer_state(accelerator)
     set_seed(seed + rank)  # a resume then restores every process's RNG state as it was at the checkpoint
 
-    run_info = {"config": config, "mixture_weights": weights, "planned_steps": total_steps, "processes": world,
-                "start_from": init_from}
-    start_step = start_or_resume(accelerator, model, out_dir, resume, run_info, log)
+    start_or_resume(accelerator, model, out_dir, start_step, resume_from, run_info, log)
     metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "samples.jsonl")
     sync_dir = vllm_sync_dir or os.path.join(out_dir, "vllm_weights")
     client = connect_vllm(accelerator, model, image_processor, vllm_url, vllm_timeout, vllm_retries, sync_dir,

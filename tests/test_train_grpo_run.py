@@ -9,6 +9,7 @@ import struct
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,9 +18,20 @@ import vlm
 from tiny_runs import ROOT, metrics, train
 
 
-def test_three_steps_write_metrics_samples_and_change_weights(data_dir, cold_start_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def three_step_run(data_dir, cold_start_dir, tmp_path_factory):
+    """A finished 3-step run on syn_count alone, shared by the tests that only read it or are refused by it."""
+    out = tmp_path_factory.mktemp("three_steps") / "run"
     train(data_dir, out, cold_start_dir, "--max_steps=3", '--mixture={"syn_count": 1}')
+    return out
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_three_steps_write_metrics_samples_and_change_weights(three_step_run, cold_start_dir):
+    out = three_step_run
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ["loss", "kl", "clip_fraction", "reward", "reward/syn_count", "reward_fn/format", "reward_fn/math",
@@ -138,14 +150,14 @@ def test_a_failed_checkpoint_write_is_a_message_about_space(data_dir, cold_start
     assert len(metrics(out)) == 2
 
 
-def test_resume_refuses_another_mixture(data_dir, cold_start_dir, tmp_path):
-    out = tmp_path / "run"
-    train(data_dir, out, cold_start_dir, "--max_steps=2", "--log_samples_every=0")
-    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", '--mixture={"syn_count": 1}', "--resume",
-                 check=False)
+def test_resume_refuses_another_mixture_and_loses_nothing(three_step_run, data_dir, cold_start_dir):
+    out = three_step_run
+    before = files_of(out)
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=3", "--mixture=uniform", "--resume", check=False)
     assert proc.returncode != 0 and "another mixture or schedule" in proc.stderr
-    proc = train(data_dir, out, cold_start_dir, "--max_steps=2", check=False)
+    proc = train(data_dir, out, cold_start_dir, "--max_steps=3", '--mixture={"syn_count": 1}', check=False)
     assert proc.returncode != 0 and "pass --resume" in proc.stderr
+    assert files_of(out) == before  # both refusals leave the finished run as it was
 
 
 def wandb_history(run_file):

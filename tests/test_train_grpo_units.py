@@ -395,15 +395,15 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, resume)
     stopped_before_first_checkpoint(out)
     messages = []
     run_info = {"config": {"seed": 0}, "mixture_weights": {"a": 1.0}, "planned_steps": 10}
-    assert tg.start_or_resume(Accelerator(cpu=True), None, str(out), resume, run_info, messages.append) == 0
+    assert tg.resume_point(str(out), resume, run_info, messages.append) == (0, None)
+    tg.start_or_resume(Accelerator(cpu=True), None, str(out), 0, None, run_info, messages.append)
     assert sorted(os.listdir(out)) == ["config.json"]  # the old steps are gone, so the new ones are not appended
     assert any("held 3 logged step(s)" in m and "starting over from step 1" in m for m in messages)
     with pytest.raises(SystemExit, match="holds no run"):
-        tg.start_or_resume(Accelerator(cpu=True), None, str(tmp_path / "empty"), True, run_info, messages.append)
+        tg.resume_point(str(tmp_path / "empty"), True, run_info, messages.append)
 
 
 def test_resume_refuses_settings_that_cannot_apply_and_keeps_config_json(tmp_path):
-    from accelerate import Accelerator
     out = tmp_path / "run"
     started = tg.parse_config([])
     run_info = {"config": started, "mixture_weights": {"a": 1.0}, "planned_steps": 10}
@@ -414,7 +414,7 @@ def test_resume_refuses_settings_that_cannot_apply_and_keeps_config_json(tmp_pat
     (out / "config.json").write_text(json.dumps(run_info))
     resumed = tg.parse_config(["--learning_rate=0.5", "--seed=7", "--checkpoint_every=5", "--resume"])
     with pytest.raises(SystemExit, match=r"did not start with: learning_rate 0\.0001 -> 0\.5, seed 0 -> 7; "):
-        tg.start_or_resume(Accelerator(cpu=True), None, str(out), True, dict(run_info, config=resumed), print)
+        tg.resume_point(str(out), True, dict(run_info, config=resumed), print)
     assert json.loads((out / "config.json").read_text()) == run_info  # still the settings that ran
     # where things are, logging and rollout serving may change; a setting an older version had is ignored
     assert tg.changed_settings(started, tg.parse_config(["--checkpoint_every=5", "--vllm_timeout=9"])) == []
