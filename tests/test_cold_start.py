@@ -3,6 +3,7 @@ itself is the session's cold_start_dir fixture (conftest.py), which every traini
 import json
 import shutil
 
+import numpy as np
 import torch
 
 import cold_start
@@ -27,7 +28,6 @@ def test_output_is_a_checkpoint_with_its_recipe(cold_start_dir):
 def test_random_answers_keep_the_rationale_and_the_format_and_draw_only_valid_answers():
     """answers="random": choice answers become uniformly drawn option letters and counts numbers 0-6; boxes, the
     rationale and the layout stay as they are."""
-    import numpy as np
     rng = np.random.default_rng(0)
     choice = {"rationale": "a circle has 0 sides", "options": {"A": "0", "B": "3", "C": "4"}}
     letters = [cold_start.reference_completion("<answer>A</answer>", choice, rng) for _ in range(300)]
@@ -45,6 +45,7 @@ def test_an_unknown_answers_setting_is_a_one_line_error(data_dir, tmp_path):
     proc = run_cold_start(data_dir, tmp_path / "cs", "--answers=shuffled", check=False)
     assert proc.returncode != 0 and "error: answers='shuffled'; use 'reference' or 'random'" in proc.stderr
     assert not (tmp_path / "cs").exists()
+
 
 def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
     before = (cold_start_dir / "model.safetensors").stat().st_mtime_ns
