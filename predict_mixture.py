@@ -390,7 +390,8 @@ def shuffled_metrics(W, u, voters, settings, splits):
     draws = []
     for i in range(settings["permutations"]):
         shuffled = rng.permutation(u)
-        p = held_out_predictions(W, shuffled, voters, voters, settings, splits, f"shuffled scores {i + 1}")["ensemble"]
+        p = held_out_predictions(W, shuffled, voters, voters, settings, splits,
+                                 f"shuffled scores {i + 1}")["ensemble"]
         draws.append(metrics_with_intervals(p, shuffled, settings["seed"], resamples=1))
     return {key: {"value": float(np.mean([d[key]["value"] for d in draws])),
                   "interval": np.quantile([d[key]["value"] for d in draws], [0.05, 0.95]).tolist()}
@@ -722,8 +723,9 @@ def write_report(path, data, args, notes, validation, model, proposals, quad, pl
                      f"{'-' if g[k]['spearman'] is None else format(g[k]['spearman'], '.2f')} / {g[k]['rmse']:.4f}"
                      for k in names]
             lines.append(f"| {g['held_out']} | {g['n']} | {g['fitted_on']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Model", "", f"Ranks by the {model_text(model)} (chosen by 5-fold cross-validation on all "
-              "runs, and kept in every validation split and bootstrap refit).",
+    chosen_how = ("chosen by 5-fold cross-validation on all runs, and kept in every validation split and bootstrap "
+                  "refit" if args.model == "ensemble" else f"--model={args.model}")
+    lines += ["", "## Model", "", f"Ranks by the {model_text(model)} ({chosen_how}).",
               "", "## Proposals", "",
               f"Constraints: bounds {args.bounds or 'none'}; availability caps "
               f"{ {k: round(v, 3) for k, v in data['caps'].items()} or 'none'} "
