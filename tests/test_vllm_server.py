@@ -1,7 +1,7 @@
 """Rollouts from a real vLLM server (vllm-cpu in .venv-vllm, built by scripts/setup_vllm_cpu.sh) serving the tiny
 Qwen2-VL, driven through vlm.VLLMClient: its greedy tokens equal HF's, weight sync, sampling, and a dead or hung
-server ending in a clear error instead of a hang. One server for the whole file (start-up takes about a minute).
-The client-only tests at the top need no server and always run."""
+server ending in a clear error instead of a hang. One server for the whole session (conftest.py: a start takes
+about 40 s), killed by this file's last test. The client-only tests at the top need no server and always run."""
 import copy
 import json
 import os
@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import vllm_cpu_server
 import vlm
+from tiny_runs import add_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_server = pytest.mark.skipif(
@@ -30,29 +31,16 @@ PROMPTS = ["How many shapes?", "Which is bigger?", "What colour?", "How many sha
            "What is this?"]
 
 
-def add_noise(model, scale, seed):
-    """A freshly initialised model's logits are nearly flat, so every prompt would greedily give the same
-    token; noise on the matrices makes the output depend on the prompt, the image and the weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def policy():
-    model, tokenizer, image_processor = vlm.load_policy("tiny")
-    add_noise(model, 0.1, seed=1)
-    with torch.no_grad():  # a larger <|im_end|> row: some greedy completions stop early, others run to the limit
-        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] *= 3
-    return model, tokenizer, image_processor
+@pytest.fixture
+def policy(noisy_policy):
+    """The model the shared server serves (conftest.py)."""
+    return noisy_policy
 
 
 @pytest.fixture(scope="module")
@@ -128,38 +116,10 @@ def test_health_check_on_a_dead_port_says_how_to_start_a_server(policy):
 
 # --- against a real server ---------------------------------------------------------------------------------------
 
-class Server:
-    """One vLLM server for the file, restarted on demand after a test killed it."""
-
-    def __init__(self, model_dir, log_path):
-        self.model_dir, self.log_path, self.process = model_dir, log_path, None
-
-    def ensure_running(self):
-        if self.process is None or self.process.poll() is not None:
-            self.process, self.url = vllm_cpu_server.start_cpu_server(self.model_dir, self.log_path)
-
-    def signal(self, signum):
-        os.killpg(self.process.pid, signum)
-
-
-@pytest.fixture(scope="module")
-def server(policy, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vllm")
-    model_dir = str(folder / "model")
-    vlm.save_for_vllm(*policy, model_dir)
-    server = Server(model_dir, str(folder / "server.log"))
-    try:
-        server.ensure_running()
-        yield server
-    finally:
-        if server.process is not None:
-            vllm_cpu_server.stop_server(server.process)
-
-
 @pytest.fixture
-def client(server, policy):
-    server.ensure_running()
-    return vlm.VLLMClient(server.url, policy[2], timeout=60, retries=2, backoff=0.5)
+def client(vllm_server, policy):
+    vllm_server.reload(policy[2])  # the session's server: tests before may have left other weights in it
+    return vlm.VLLMClient(vllm_server.url, policy[2], timeout=60, retries=2, backoff=0.5)
 
 
 def encode(policy, images):
@@ -275,13 +235,13 @@ def test_sampling_gives_n_completions_per_prompt_with_the_trainers_logprobs(clie
 
 
 @requires_server
-def test_rollout_benchmark_compares_equal_token_counts(server, tmp_path):
+def test_rollout_benchmark_compares_equal_token_counts(vllm_server, policy, tmp_path):
     """benchmarks/vllm_vs_hf_rollouts.py against this server. The served model ends many completions early
     (its <|im_end|> row is enlarged), so the run only completes if both engines really hold EOS back."""
-    server.ensure_running()
+    vllm_server.reload(policy[2])
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vllm_vs_hf_rollouts.py"), "--url", server.url,
-                    "--model", server.model_dir, "--prompts", "2", "--n", "4", "--max_new_tokens", "48",
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vllm_vs_hf_rollouts.py"), "--url", vllm_server.url,
+                    "--model", vllm_server.model_dir, "--prompts", "2", "--n", "4", "--max_new_tokens", "48",
                     "--repeats", "1", "--out", str(out)], check=True, timeout=300)
     with open(out) as f:
         results = json.load(f)
@@ -291,24 +251,24 @@ def test_rollout_benchmark_compares_equal_token_counts(server, tmp_path):
 
 
 @requires_server
-def test_hung_server_fails_within_the_timeout(server, policy):
-    server.ensure_running()
-    client = vlm.VLLMClient(server.url, policy[2], timeout=3, retries=2, backoff=0.5)
-    server.signal(signal.SIGSTOP)  # a hung server: connections are accepted by the kernel, never answered
+def test_hung_server_fails_within_the_timeout(vllm_server, policy):
+    vllm_server.ensure_running()
+    client = vlm.VLLMClient(vllm_server.url, policy[2], timeout=3, retries=2, backoff=0.5)
+    vllm_server.signal(signal.SIGSTOP)  # a hung server: connections are accepted by the kernel, never answered
     try:
         start = time.monotonic()
         with pytest.raises(vlm.VLLMServerError, match="no answer within 3 s; the vLLM server is hung"):
             client.generate(PROMPTS[:2], [None, None], max_new_tokens=4, greedy=True)
         assert time.monotonic() - start < 3 + 2  # a timeout is not retried
     finally:
-        server.signal(signal.SIGCONT)
+        vllm_server.signal(signal.SIGCONT)
     assert client.generate(PROMPTS[:1], [None], max_new_tokens=4, greedy=True)  # and it serves again
 
 
 @requires_server
-def test_server_killed_mid_generation_fails_within_the_timeout(server, policy):
-    server.ensure_running()  # this test kills the server; a test run after it starts a new one
-    client = vlm.VLLMClient(server.url, policy[2], timeout=60, retries=2, backoff=0.5)
+def test_server_killed_mid_generation_fails_within_the_timeout(vllm_server, policy):
+    vllm_server.ensure_running()  # this test kills the session's server: it runs last, and a test after it restarts it
+    client = vlm.VLLMClient(vllm_server.url, policy[2], timeout=60, retries=2, backoff=0.5)
     outcome = {}
 
     def generate():
@@ -322,9 +282,9 @@ def test_server_killed_mid_generation_fails_within_the_timeout(server, policy):
     thread = threading.Thread(target=generate)
     thread.start()
     time.sleep(2)
-    server.signal(signal.SIGKILL)
+    vllm_server.signal(signal.SIGKILL)
     thread.join(timeout=60 + 0.5 + 1.0 + 5)
     assert not thread.is_alive(), "the client hung on a dead server"
     assert outcome["seconds"] < 2 + 5
-    assert f"POST {server.url}/v1/chat/completions failed 3 times" in str(outcome["error"])
+    assert f"POST {vllm_server.url}/v1/chat/completions failed 3 times" in str(outcome["error"])
     assert "Connection refused" in str(outcome["error"])

@@ -1,14 +1,20 @@
 """cold_start.py and train_grpo.py runs for the tests: a small dataset in prepare_data.py's record format, one
-shared cold start, and each run launched as a subprocess, as a user would (fixtures in conftest.py)."""
+shared cold start, and each run launched as a subprocess, as a user would; and the vLLM server the tests share
+(fixtures in conftest.py)."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 
+import torch
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage, ImageDraw
 
+import vllm_cpu_server
 import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +85,51 @@ def metrics(out_dir):
     """metrics.jsonl without the timings, which differ between runs."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING_KEYS)} for line in f]
+
+
+def add_noise(model, scale, seed):
+    """A freshly initialised model's logits are nearly flat, so every prompt would greedily give the same
+    token; noise on the matrices makes the output depend on the prompt, the image and the weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+class Server:
+    """A vLLM server on the tiny model, shared by the tests (one start takes about 40 s on 2 cores); started again
+    on demand after a test killed it. It serves model_dir's weights at start; tests that sync their own weights
+    leave theirs behind, so a test that needs model_dir's calls reload()."""
+
+    def __init__(self, model_dir, log_path):
+        self.model_dir, self.log_path, self.process, self.url = model_dir, log_path, None, None
+
+    def ensure_running(self):
+        if self.process is None or self.process.poll() is not None:
+            self.process, self.url = vllm_cpu_server.start_cpu_server(self.model_dir, self.log_path)
+
+    def reload(self, image_processor):
+        """model_dir's weights back in the server, once requests a test abandoned (a client timeout) are over."""
+        self.ensure_running()
+        self.wait_until_idle()
+        vlm.VLLMClient(self.url, image_processor, timeout=60).reload_weights(self.model_dir)
+
+    def wait_until_idle(self, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+                text = response.read().decode()
+            busy = sum(float(v) for v in re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text,
+                                                     flags=re.M))
+            if busy == 0:
+                return
+            assert time.monotonic() < deadline, f"the vLLM server still runs {busy:g} requests after {timeout_s} s"
+            time.sleep(0.2)
+
+    def signal(self, signum):
+        os.killpg(self.process.pid, signum)
+
+    def stop(self):
+        if self.process is not None:
+            vllm_cpu_server.stop_server(self.process)
