@@ -19,6 +19,7 @@ naming them, since GRPO runs may have started from that folder (delete it or cho
 """
 import json
 import os
+import random
 import shutil
 import sys
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import prepare_data
 import rewards
 import vlm
 from train_grpo import load_train_split, read_settings, record_fields, training_domains
@@ -49,6 +51,9 @@ batch_size = 16                   # examples per step, domains drawn uniformly
 learning_rate = 1e-3              # AdamW, linear decay to 0; at 3e-3 the 2-layer model does not learn to look
 train_vision = False              # True trains the vision tower too: a random tower then collapses (every picture
                                   # looks alike to the text; README "Why the tiny model ignores its image")
+vision_steps = 0                  # a tiny model's random tower is first pretrained, alone, for this many steps (32
+                                  # scenes each) to say what each image token holds and where it is, as a real
+                                  # model's tower is pretrained (README, item 13); 0 keeps it random
 grad_clip = 1.0
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
 max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
@@ -61,7 +66,7 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # Settings added since cold_start.json was first written, at the value the versions before them used: a folder
 # whose recipe lacks one was made that way.
-ADDED_SETTINGS = {"train_vision": True, "answers": "reference"}
+ADDED_SETTINGS = {"train_vision": True, "answers": "reference", "vision_steps": 0}
 
 
 def reference_completion(solution, meta, rng=None):
@@ -98,6 +103,64 @@ def existing_recipe(folder):
         return None
     with open(info_path) as f:
         return json.load(f)["settings"]
+
+
+def overlap(box, cell):
+    return max(0, min(box[2], cell[2]) - max(box[0], cell[0])) * max(0, min(box[3], cell[3]) - max(box[1], cell[1]))
+
+
+def token_targets(objects, canvas, rows, cols):
+    """Per image token (row-major over a rows x cols grid of the canvas): its row, its column, and the index in
+    prepare_data's COLORS and SHAPES of the object that covers most of its cell (the last index: none, when no
+    object covers 15 % of it). Boxes are [x1, y1, x2, y2] in pixels, x2 and y2 exclusive."""
+    colors, shapes = list(prepare_data.COLORS), list(prepare_data.SHAPES)
+    targets = []
+    for r in range(rows):
+        for c in range(cols):
+            cell = (canvas * c / cols, canvas * r / rows, canvas * (c + 1) / cols, canvas * (r + 1) / rows)
+            best = max(objects, key=lambda o: overlap(o["box"], cell), default=None)
+            if best is None or overlap(best["box"], cell) < 0.15 * (canvas / cols) * (canvas / rows):
+                targets.append((r, c, len(colors), len(shapes)))
+            else:
+                targets.append((r, c, colors.index(best["color"]), shapes.index(best["shape"])))
+    return targets
+
+
+def pretrain_vision(model, image_processor, canvas=112, batch=32):
+    """vision_steps of AdamW on the tiny model's tower alone, through a linear read-out per image token of its
+    row, its column and the colour and shape covering its cell, on scenes of 1-6 random objects drawn as
+    prepare_data.py draws its suite (seeded here: none of the training records). A random tower says what a patch
+    holds only weakly and not where it is, and the language model then never learns to read positions (README,
+    item 13). Returns the read-out's accuracy per target on the last step's scenes."""
+    visual = model.model.visual
+    visual.requires_grad_(True)
+    grid = image_processor(images=[prepare_data.draw([], canvas)], return_tensors="pt")["image_grid_thw"][0]
+    rows, cols = int(grid[1]) // image_processor.merge_size, int(grid[2]) // image_processor.merge_size
+    sizes = [rows, cols, len(prepare_data.COLORS) + 1, len(prepare_data.SHAPES) + 1]
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, sum(sizes))
+    params = list(visual.parameters()) + list(readout.parameters())
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / vision_steps)
+    rng = random.Random(seed + 3)
+    accuracy = {}
+    for _ in tqdm(range(vision_steps), desc="vision pretraining", dynamic_ncols=True):
+        scenes = [prepare_data.place(rng, prepare_data.random_specs(rng, rng.randint(1, 6)), canvas)
+                  for _ in range(batch)]
+        inputs = image_processor(images=[prepare_data.draw(objects, canvas) for objects in scenes],
+                                 return_tensors="pt")
+        targets = torch.tensor([t for objects in scenes for t in token_targets(objects, canvas, rows, cols)])
+        tokens = torch.cat(model.model.get_image_features(inputs["pixel_values"],
+                                                          inputs["image_grid_thw"]).pooler_output)
+        logits = readout(tokens).split(sizes, dim=1)
+        loss = sum(torch.nn.functional.cross_entropy(z, targets[:, k]) for k, z in enumerate(logits))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        accuracy = {name: round(float((z.argmax(1) == targets[:, k]).float().mean()), 3)
+                    for k, (name, z) in enumerate(zip(("row", "column", "colour", "shape"), logits))}
+    return accuracy
 
 
 def train(datasets, model, tokenizer, image_processor):
@@ -146,6 +209,9 @@ def main(argv):
         raise SystemExit(f"error: {e}")
     if answers not in ("reference", "random"):
         raise SystemExit(f"error: answers={answers!r}; use 'reference' or 'random'")
+    if vision_steps and init_from not in vlm.TINY_FAMILIES:
+        raise SystemExit(f"error: vision_steps={vision_steps} pretrains a tiny model's random vision tower; "
+                         f"init_from={init_from} has a pretrained one: use --vision_steps=0")
     manifest = vlm.load_manifest(data_dir)
     domains = training_domains(manifest)
     settings = recipe(config, manifest, domains)
@@ -161,11 +227,13 @@ def main(argv):
     datasets = {d: load_train_split(data_dir, manifest, d) for d in domains}
     torch.manual_seed(seed)
     model, tokenizer, image_processor = vlm.load_policy(init_from, seed=seed, max_pixels=max_pixels)
+    vision_readout = pretrain_vision(model, image_processor) if vision_steps else None
     final_loss = train(datasets, model, tokenizer, image_processor)
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     vlm.save_policy(model, tokenizer, image_processor, tmp)
-    vlm.write_json_atomic(os.path.join(tmp, "cold_start.json"), {"settings": settings, "final_loss": final_loss})
+    vlm.write_json_atomic(os.path.join(tmp, "cold_start.json"), {"settings": settings, "final_loss": final_loss,
+                                                                      "vision_readout": vision_readout})
     vlm.write_checksums(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted one, if any (existing_recipe)
     os.replace(tmp, out_dir)

@@ -96,3 +96,44 @@ def test_train_vision_false_leaves_the_vision_tower_as_loaded(data_dir, monkeypa
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
                            after["model.language_model.layers.0.mlp.up_proj.weight"])
+
+
+def test_token_targets_name_each_cells_position_and_the_object_covering_it():
+    """A 112 px canvas as a 4 x 4 grid of 28 px cells. A red circle [0, 0, 28, 28] fills cell (0, 0); a blue
+    square [40, 52, 70, 80] covers 16 x 24 px of cell (2, 1) and 14 x 24 of (2, 2) (over 15 % of 784 = 117.6),
+    16 x 4 = 64 px of (1, 1) and 14 x 4 of (1, 2): none."""
+    objects = [{"shape": "circle", "color": "red", "box": [0, 0, 28, 28]},
+               {"shape": "square", "color": "blue", "box": [40, 52, 70, 80]}]
+    targets = cold_start.token_targets(objects, 112, 4, 4)
+    none = (len(cold_start.prepare_data.COLORS), len(cold_start.prepare_data.SHAPES))
+    red, circle = list(cold_start.prepare_data.COLORS).index("red"), cold_start.prepare_data.SHAPES.index("circle")
+    blue, square = list(cold_start.prepare_data.COLORS).index("blue"), cold_start.prepare_data.SHAPES.index("square")
+    assert len(targets) == 16 and [t[:2] for t in targets] == [(r, c) for r in range(4) for c in range(4)]
+    assert targets[0] == (0, 0, red, circle)
+    assert targets[9] == (2, 1, blue, square) and targets[10] == (2, 2, blue, square)
+    assert targets[5] == (1, 1, *none) and targets[6] == (1, 2, *none)
+    assert sum(t[2:] != none for t in targets) == 3
+    assert cold_start.token_targets([], 112, 2, 2) == [(r, c, *none) for r in range(2) for c in range(2)]
+
+
+def test_vision_pretraining_trains_the_tower_alone(monkeypatch):
+    for name, value in {"vision_steps": 3, "learning_rate": 1e-3}.items():
+        monkeypatch.setattr(cold_start, name, value)
+    model, _, image_processor = vlm.load_policy("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy = cold_start.pretrain_vision(model, image_processor, batch=4)
+    after = model.state_dict()
+    vision = [k for k in before if "visual" in k]
+    assert all(not torch.equal(before[k], after[k]) for k in vision if k.endswith("patch_embed.proj.weight"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in vision)
+    assert set(accuracy) == {"row", "column", "colour", "shape"} and all(0 <= a <= 1 for a in accuracy.values())
+
+
+def test_vision_steps_with_a_pretrained_model_is_a_one_line_error(data_dir, tmp_path):
+    proc = run_cold_start(data_dir, tmp_path / "cs", "--init_from=Qwen/Qwen2-VL-2B-Instruct", "--vision_steps=5",
+                          check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == ("error: vision_steps=5 pretrains a tiny model's random vision "
+                                                    "tower; init_from=Qwen/Qwen2-VL-2B-Instruct has a pretrained one: "
+                                                    "use --vision_steps=0")
+    assert not (tmp_path / "cs").exists()
