@@ -216,23 +216,47 @@ def plural(word, n=2):
     return word if n == 1 else word + "s"
 
 
-def place(rng, specs, canvas, accept=None, min_size=14, max_size=24, gap=3):
+CELL = 28  # px of picture behind one image token of the tiny model (14 px patches, merged 2 x 2)
+GRID_SIZES = (16, 24)  # --layout=grid: an object covers a third of its cell or more and stays 2 px inside it
+
+
+def place(rng, specs, canvas, accept=None, min_size=14, max_size=24, gap=3, grid=False):
     """Non-overlapping objects for (shape, colour) specs, boxes [x1, y1, x2, y2] in pixels (x2, y2 exclusive);
-    `accept(objects)` can demand a layout (e.g. a spatial relation). Rejection sampling from the seeded rng."""
+    `accept(objects)` can demand a layout (e.g. a spatial relation). Rejection sampling from the seeded rng.
+    grid=True: each object centred in its own CELL x CELL cell, its size clipped to GRID_SIZES, so that one image
+    token holds one whole object (prepare_data.py --layout=grid)."""
     for _ in range(2000):
-        objects = []
-        for shape, color in specs:
-            for _ in range(100):
-                s = rng.randint(min_size, max_size)
-                x, y = rng.randint(2, canvas - s - 2), rng.randint(2, canvas - s - 2)
-                box = [x, y, x + s, y + s]
-                if all(box[0] >= o["box"][2] + gap or o["box"][0] >= box[2] + gap or
-                       box[1] >= o["box"][3] + gap or o["box"][1] >= box[3] + gap for o in objects):
-                    objects.append({"shape": shape, "color": color, "box": box})
-                    break
+        if grid:
+            cells = rng.sample(range((canvas // CELL) ** 2), len(specs))
+            sizes = max(min_size, GRID_SIZES[0]), min(max_size, GRID_SIZES[1])
+            objects = [centred_in_cell(shape, color, cell, rng.randint(*sizes), canvas)
+                       for (shape, color), cell in zip(specs, cells)]
+        else:
+            objects = scattered(rng, specs, canvas, min_size, max_size, gap)
         if len(objects) == len(specs) and (accept is None or accept(objects)):
             return objects
     raise RuntimeError(f"could not place {specs} on a {canvas} px canvas")
+
+
+def centred_in_cell(shape, color, cell, size, canvas):
+    row, col = divmod(cell, canvas // CELL)
+    x, y = CELL * col + (CELL - size) // 2, CELL * row + (CELL - size) // 2
+    return {"shape": shape, "color": color, "box": [x, y, x + size, y + size]}
+
+
+def scattered(rng, specs, canvas, min_size, max_size, gap):
+    """Objects anywhere, each at least `gap` px from the others; fewer than asked when one finds no room."""
+    objects = []
+    for shape, color in specs:
+        for _ in range(100):
+            s = rng.randint(min_size, max_size)
+            x, y = rng.randint(2, canvas - s - 2), rng.randint(2, canvas - s - 2)
+            box = [x, y, x + s, y + s]
+            if all(box[0] >= o["box"][2] + gap or o["box"][0] >= box[2] + gap or
+                   box[1] >= o["box"][3] + gap or o["box"][1] >= box[3] + gap for o in objects):
+                objects.append({"shape": shape, "color": color, "box": box})
+                break
+    return objects
 
 
 def draw(objects, canvas):
@@ -283,18 +307,18 @@ def reading_order(boxes):
     return sorted(boxes, key=lambda b: (b[1], b[0]))
 
 
-def gen_detect(rng):
+def gen_detect(rng, grid=False):
     """Detection, the hardest domain: every object of one shape (1-3), among 0-2 others."""
     target = rng.choice(SHAPES)
     others = [s for s in SHAPES if s != target]
     specs = random_specs(rng, rng.randint(1, 3), shapes=[target]) + random_specs(rng, rng.randint(0, 2), others)
-    objects = place(rng, specs, 112)
+    objects = place(rng, specs, 112, grid=grid)
     boxes = reading_order([o["box"] for o in objects if o["shape"] == target])
     return dict(canvas=112, objects=objects, answer=json.dumps(boxes), options=None, rationale=inventory(objects),
                 problem=f"Detect every {target} in the image and give its bounding box [x1, y1, x2, y2] in pixels.")
 
 
-def gen_ground(rng):
+def gen_ground(rng, grid=False):
     """Grounding: the one object with a given colour and shape; distractors share one of the two."""
     color, shape = rng.choice(tuple(COLORS)), rng.choice(SHAPES)
     specs = [(shape, color)]
@@ -303,16 +327,16 @@ def gen_ground(rng):
             specs.append((shape, rng.choice([c for c in COLORS if c != color])))
         else:
             specs.append((rng.choice([s for s in SHAPES if s != shape]), color))
-    objects = place(rng, specs, 112)
+    objects = place(rng, specs, 112, grid=grid)
     box = objects[0]["box"]
     return dict(canvas=112, objects=objects, answer=json.dumps(box), options=None,
                 rationale=f"the {color} {shape} is at the {where(box, 112)}",
                 problem=f"Locate the {color} {shape} and give its bounding box [x1, y1, x2, y2] in pixels.")
 
 
-def gen_count(rng):
+def gen_count(rng, grid=False):
     """Counting by shape (or all shapes): a number, 0-6."""
-    objects = place(rng, random_specs(rng, rng.randint(1, 6)), 112)
+    objects = place(rng, random_specs(rng, rng.randint(1, 6)), 112, grid=grid)
     if rng.random() < 0.3:
         return dict(canvas=112, objects=objects, answer=str(len(objects)), options=None, rationale=inventory(objects),
                     problem="How many shapes are there in the image?")
@@ -330,22 +354,23 @@ def relation_holds(a, b, relation):
     return main >= 24 and abs(off) <= 10
 
 
-def gen_spatial(rng):
+def gen_spatial(rng, grid=False):
     """Spatial relation multiple choice, like SAT: where is one object relative to another (4 options)."""
     (s1, c1), (s2, c2) = rng.sample([(s, c) for s in SHAPES for c in COLORS], 2)
     specs = [(s1, c1), (s2, c2)]
     if rng.random() < 0.5:
         specs.append(rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in specs]))
     relation = rng.choice(tuple(RELATIONS))
-    objects = place(rng, specs, 112, accept=lambda objs: relation_holds(objs[0], objs[1], relation))
+    objects = place(rng, specs, 112, accept=lambda objs: relation_holds(objs[0], objs[1], relation), grid=grid)
     options, letter = lettered(rng, RELATIONS, relation)
     return dict(canvas=112, objects=objects, answer=letter, options=options,
                 rationale=f"the {c1} {s1} is {RELATIONS[relation]} the {c2} {s2}",
                 problem=f"Where is the {c1} {s1} relative to the {c2} {s2}?\n{options_text(options)}")
 
 
-def gen_science(rng):
-    """Knowledge multiple choice, like ScienceQA: a fact the picture points to (sides of a shape, colour mixing)."""
+def gen_science(rng, grid=False):
+    """Knowledge multiple choice, like ScienceQA: a fact the picture points to (sides of a shape, colour mixing).
+    Its 56 px pictures (2 x 2 image tokens) hold one or two shapes larger than a cell: `grid` changes nothing."""
     if rng.random() < 0.5:
         shape = rng.choice(SHAPES)
         objects = place(rng, [(shape, rng.choice(tuple(COLORS)))], 56, min_size=24, max_size=36)
@@ -361,9 +386,9 @@ def gen_science(rng):
                 problem=f"Which color do you get by mixing the two colors?\n{options_text(options)}")
 
 
-def gen_chart(rng):
+def gen_chart(rng, grid=False):
     """Out-of-domain: read a bar's value. Bars are stacks of unit blocks, so reading one is grounding a colour and
-    counting; the picture is drawn here, not by draw()."""
+    counting; the picture is drawn here, not by draw(), and `grid` changes nothing."""
     colors = rng.sample(tuple(COLORS), rng.randint(2, 4))
     values = [rng.randint(1, 8) for _ in colors]
     img = Image.new("RGB", (112, 112), (255, 255, 255))
@@ -380,9 +405,9 @@ def gen_chart(rng):
                 problem=f"What is the value of the {colors[i]} bar?")
 
 
-def gen_colorcount(rng):
+def gen_colorcount(rng, grid=False):
     """Out-of-domain: count the objects of one colour (colour grounding + counting)."""
-    objects = place(rng, random_specs(rng, rng.randint(2, 6)), 112)
+    objects = place(rng, random_specs(rng, rng.randint(2, 6)), 112, grid=grid)
     color = rng.choice(tuple(COLORS))
     same = [o for o in objects if o["color"] == color]
     return dict(canvas=112, objects=objects, answer=str(len(same)), options=None,
@@ -390,7 +415,7 @@ def gen_colorcount(rng):
                 problem=f"How many {color} shapes are there in the image?")
 
 
-def gen_compare(rng):
+def gen_compare(rng, grid=False):
     """Out-of-domain: which of two groups is larger, by shape or by colour (counting + choosing)."""
     n1, n2 = rng.sample(range(1, 5), 2)
     if rng.random() < 0.5:
@@ -405,7 +430,7 @@ def gen_compare(rng):
         names = (a, b)
         question = f"Are there more {a} or {b} shapes?"
         rationale = f"{n1} {a}, {n2} {b}"
-    objects = place(rng, specs, 112, min_size=12, max_size=20)
+    objects = place(rng, specs, 112, min_size=12, max_size=20, grid=grid)
     options, letter = lettered(rng, names, names[0] if n1 > n2 else names[1])
     return dict(canvas=112, objects=objects, answer=letter, options=options, rationale=rationale,
                 problem=f"{question}\n{options_text(options)}")
@@ -433,11 +458,16 @@ class OptionsInGivenOrder(random.Random):
         pass
 
 
-def synthetic_example(domain, split, index, seed, option_order="fixed"):
-    """One example, from its own rng: any record can be regenerated alone, and train and test never share a draw."""
+def synthetic_example(domain, split, index, seed, option_order="fixed", layout="free", count_answers="natural"):
+    """One example, from its own rng: any record can be regenerated alone, and train and test never share a draw.
+    count_answers="uniform": a syn_count answer is drawn uniformly from 0-6 first and scenes are drawn until one has
+    it, so that no constant answer scores more than about 1/7 (with "natural" counts answering 1 scores 0.31)."""
     generate, _, kind = SYNTHETIC[domain]
-    rng_class = OptionsInGivenOrder if option_order == "fixed" else random.Random
-    example = generate(rng_class(f"{seed}/{domain}/{split}/{index}"))
+    rng = (OptionsInGivenOrder if option_order == "fixed" else random.Random)(f"{seed}/{domain}/{split}/{index}")
+    wanted = str(rng.randint(0, 6)) if domain == "syn_count" and count_answers == "uniform" else None
+    example = generate(rng, grid=layout == "grid")
+    while wanted not in (None, example["answer"]):
+        example = generate(rng, grid=layout == "grid")
     image = example["image"] if "image" in example else draw(example["objects"], example["canvas"])
     problem = example["problem"] + (SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
     meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": example["rationale"],
@@ -455,8 +485,10 @@ def synthetic_splits(n_train, n_test, only=None):
             if only in (None, split)]
 
 
-def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed"):
-    source = f"synthetic (seed {seed})" + (", options in a fixed order" if option_order == "fixed" else "")
+def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", layout="free", count_answers="natural"):
+    source = (f"synthetic (seed {seed})" + (", options in a fixed order" if option_order == "fixed" else "")
+              + (", objects on the image-token grid" if layout == "grid" else "")
+              + (", counts uniform over 0-6" if count_answers == "uniform" else ""))
     for domain, split, n in splits:
         recipe = {"source": source, "rows": n, "script_sha256": script_sha256()}
         if not force and is_up_to_date(data_dir, domain, split, recipe):
@@ -464,7 +496,8 @@ def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed"):
             continue
         records, digests = [], []
         for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
-            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed, option_order)
+            image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed, option_order, layout,
+                                                                          count_answers)
             records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
             digests.append(record_digest(records[-1], image))
         info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": source}
@@ -472,7 +505,7 @@ def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed"):
         print(f"{domain}/{split}: {entry['rows']} rows")
 
 
-def contact_sheet(path, seed, per_domain=4):
+def contact_sheet(path, seed, layout="free", count_answers="natural", per_domain=4):
     """A PNG with a few test examples of each synthetic domain: image (3x for 56 px, 2x for 112 px, gold boxes drawn
     in black), problem without the constant suffix, answer and rationale written under it."""
     font = ImageFont.load_default(size=11)
@@ -486,7 +519,8 @@ def contact_sheet(path, seed, per_domain=4):
         y0 = 30 + r * row_h
         d.text((8, y0 + 100), f"{domain}\n{kind}\n({role})", fill="black", font=font)
         for k in range(per_domain):
-            image, _, problem, solution, meta = synthetic_example(domain, "test", k, seed)
+            image, _, problem, solution, meta = synthetic_example(domain, "test", k, seed, layout=layout,
+                                                                  count_answers=count_answers)
             scale = 224 // image.size[0]
             big = image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
             if kind in ("detection", "iou"):
@@ -985,6 +1019,14 @@ def main(argv=None):
                    help="synthetic suite: multiple-choice options always in the same order (default), so that the "
                         "2-layer tiny model need not look an answer's letter up (with them shuffled per record it "
                         "stays at chance: README, 'Why the tiny model ignores its image'), or shuffled per record")
+    p.add_argument("--layout", choices=["free", "grid"], default="free",
+                   help="synthetic suite: objects anywhere (default) or each centred in its own 28 px cell, the "
+                        "picture behind one image token of the tiny model, so that one token holds one object "
+                        "(README, 'Why the tiny model ignores its image', item 14)")
+    p.add_argument("--count_answers", choices=["natural", "uniform"], default="natural",
+                   help="synthetic suite: syn_count's answers as its scenes give them (default: 1 answers 29-31%% "
+                        "of the records) or uniform over 0-6, so that a constant answer scores about 1/7 (README "
+                        "item 14)")
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
@@ -993,7 +1035,7 @@ def main(argv=None):
             p.error(f"--{option} must be at least 1 (got {getattr(args, option)})")
 
     if args.contact_sheet:
-        contact_sheet(args.contact_sheet, args.seed)
+        contact_sheet(args.contact_sheet, args.seed, args.layout, args.count_answers)
         return
     names = [d for name in args.dataset for d in GROUPS.get(name, [name])]
     if "synthetic" in names and args.split not in (None, "train", "test"):
@@ -1018,7 +1060,8 @@ def main(argv=None):
     planned = [f"{domain}/{split}" for domain, split, _ in synthetic] + [f"{name}/{split}" for name, split, _ in jobs]
     mark_pending(args.data_dir, planned, True)
     try:
-        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force, option_order=args.option_order)
+        build_synthetic(args.data_dir, args.seed, synthetic, force=args.force, option_order=args.option_order,
+                        layout=args.layout, count_answers=args.count_answers)
         for name, split, source in jobs:
             convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
     except (Exception, SystemExit):  # an error on screen: the manifest lists what was built (a kill or Ctrl-C, which

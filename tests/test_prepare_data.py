@@ -490,6 +490,54 @@ def test_fixed_option_order_keeps_each_option_on_its_letter():
     assert len(shuffled) > 1
 
 
+def test_grid_layout_centres_each_object_in_its_own_token_cell(tmp_path, capsys):
+    """--layout=grid: every object of a 112 px scene sits centred in its own 28 px cell (one image token of the tiny
+    model), 16-24 px wide; a spatial relation still holds; science's 56 px pictures and the default layout are
+    unchanged; the manifest names the layout, so a rebuild with the other one is not 'up to date'."""
+    # cell 6 of a 4 x 4 grid is row 1, column 2: x from 56, y from 28, a 20 px object 4 px inside on each side
+    assert P.centred_in_cell("circle", "red", 6, 20, 112)["box"] == [60, 32, 80, 52]
+    for generate in (P.gen_detect, P.gen_ground, P.gen_count, P.gen_spatial, P.gen_colorcount, P.gen_compare):
+        for k in range(30):
+            boxes = [o["box"] for o in generate(P.OptionsInGivenOrder(f"grid/{k}"), grid=True)["objects"]]
+            cells = [(b[1] // 28, b[0] // 28) for b in boxes]
+            assert len(set(cells)) == len(cells)
+            for (row, col), (x1, y1, x2, y2) in zip(cells, boxes):
+                assert 16 <= x2 - x1 == y2 - y1 <= 24 and x2 <= 28 * col + 26 and y2 <= 28 * row + 26
+                assert abs((x1 + x2) / 2 - (28 * col + 14)) <= 0.5 and abs((y1 + y2) / 2 - (28 * row + 14)) <= 0.5
+    for k in range(20):
+        _, _, _, solution, meta = P.synthetic_example("syn_spatial", "test", k, 0, layout="grid")
+        assert meta["options"][solution[8]] in meta["rationale"]  # "<answer>B" -> "right" in "... is right of ..."
+        science = P.synthetic_example("syn_science", "test", k, 0)
+        assert P.synthetic_example("syn_science", "test", k, 0, layout="grid") == science
+    ground = P.synthetic_example("syn_ground", "test", 0, 0)
+    assert P.synthetic_example("syn_ground", "test", 0, 0, layout="free") == ground
+    assert P.synthetic_example("syn_ground", "test", 0, 0, layout="grid")[3] != ground[3]  # another box
+    P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2"])
+    P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2", "--layout", "grid"])
+    assert "up to date" not in capsys.readouterr().out
+    assert manifest(tmp_path)["datasets"]["syn_ground"]["source"].endswith(", objects on the image-token grid")
+
+
+def test_uniform_count_answers_cover_0_to_6_and_match_the_scene():
+    """--count_answers=uniform: syn_count's answers are spread over 0-6 (the natural ones peak at 1), each still the
+    count of the asked shape in the scene's inventory; the other domains are untouched."""
+    def count(problem, rationale):
+        asked = problem.split("How many ")[1].split(" are")[0]  # "circles" or "shapes"
+        items = [item.split(" ") for item in rationale.split(", ")] if rationale != "nothing" else []
+        return sum(int(n) for n, _, shape in items if asked in ("shapes", shape.rstrip("s") + "s"))
+
+    answers = {"natural": [], "uniform": []}
+    for mode in answers:
+        for i in range(70):
+            _, _, problem, solution, meta = P.synthetic_example("syn_count", "train", i, 0, count_answers=mode)
+            assert solution == f"<answer>{count(problem, meta['rationale'])}</answer>"
+            answers[mode].append(solution[8])
+    assert sorted(set(answers["uniform"])) == list("0123456") and max(map(answers["uniform"].count, "0123456")) < 20
+    assert max("0123456", key=answers["natural"].count) == "1"
+    assert P.synthetic_example("syn_ground", "train", 3, 0, count_answers="uniform") == \
+        P.synthetic_example("syn_ground", "train", 3, 0)
+
+
 def test_contact_sheet(tmp_path):
     from PIL import Image
     P.main(["--contact_sheet", str(tmp_path / "sheet.png"), "--data_dir", str(tmp_path / "data")])
