@@ -35,7 +35,7 @@ def test_three_steps_write_metrics_samples_and_change_weights(three_step_run, co
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ["loss", "kl", "clip_fraction", "reward", "reward/syn_count", "reward_fn/format", "reward_fn/math",
-                "completion_length", "lr", "grad_norm"]:
+                "completion_length", "clipped_fraction", "lr", "grad_norm"]:
         assert all(key in r for r in rows), key
     assert any(r["grad_norm"] > 0 for r in rows)  # some group had a reward spread
     with open(out / "metrics.jsonl") as f:

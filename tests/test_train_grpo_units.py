@@ -435,3 +435,20 @@ def test_an_rng_state_that_does_not_load_is_an_error_not_a_silent_divergence(tmp
     (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"random_state": "not a state"}, protocol=2))
     assert "cannot be loaded" in tg.rng_state_problem(str(tmp_path), 0)
     assert "cannot be loaded (FileNotFoundError" in tg.rng_state_problem(str(tmp_path), 1)
+
+
+def test_step_metrics_hand_computed_over_two_processes():
+    """Means over every process's completions: 3 completions on one process, 1 on the other; one of the four was
+    cut off at max_completion_length (clipped_fraction 1/4, the cut that turned correct 3-box answers into 0)."""
+    first = ([{"total": 2.0, "format": 1.0}, {"total": 0.0, "format": 0.0}, {"total": 1.0, "format": 1.0}],
+             ["syn_count", "syn_detect", "syn_count"], [10, 128, 20], [0.5], [0.01], [0.0], [], [False, True, False])
+    second = ([{"total": 3.0, "format": 1.0}], ["syn_detect"], [30], [1.5], [0.03], [0.5], [], [False])
+    timings = {"generate": 1.0, "step": 2.0}
+    m = tg.step_metrics(7, [first, second], [0.25, 0.75], 1e-4, timings, vllm_logprobs=False)
+    assert m["step"] == 7 and m["lr"] == 1e-4
+    assert m["reward"] == pytest.approx(1.5) and m["reward/syn_count"] == pytest.approx(1.5)
+    assert m["reward/syn_detect"] == pytest.approx(1.5) and m["reward_fn/format"] == pytest.approx(0.75)
+    assert m["completion_length"] == pytest.approx(47.0) and m["clipped_fraction"] == pytest.approx(0.25)
+    assert m["loss"] == pytest.approx(1.0) and m["kl"] == pytest.approx(0.02) and m["clip_fraction"] == 0.25
+    assert m["grad_norm"] == pytest.approx(0.5) and m["samples_per_s"] == 2.0 and m["tokens_per_s"] == 94.0
+    assert m["t_generate"] == 1.0 and "vllm_logprob_abs_diff" not in m
