@@ -5,7 +5,7 @@ Scores checkpoints (or a base model) on the in-domain and out-of-domain test set
     python evaluate.py out/grpo                        # every checkpoint of a run, then the run's StepAvg
     python evaluate.py out/grpo/ckpt-000200            # one checkpoint
     python evaluate.py out/grpo --last                 # the run's newest checkpoint only
-    python evaluate.py tiny --max_new_tokens 64        # a base model: "tiny", a hub name or a save_pretrained folder
+    python evaluate.py tiny --max_new_tokens 128       # a base model: "tiny", a hub name or a save_pretrained folder
     torchrun --nproc_per_node 8 evaluate.py out/grpo   # data-parallel: each process generates a slice
     python evaluate.py --table out                     # Table 2 from every results.json under out/
 
@@ -933,7 +933,30 @@ def results_table(all_results):
                  "; ".join(f"{header(n)} {b['metric']}, n={b['n']}, {b['role']}" +
                            (f", chance {b['chance']:.2f}" if b.get("chance") is not None else "")
                            for n, b in names.items()) + ".")
+    differing = differing_generation_settings(rows)
+    if differing:
+        lines.append("")
+        lines.append("Not comparable as they stand: the rows were generated with different settings: " + "; ".join(
+            f"{key} " + ", ".join(f"{value} ({', '.join(runs)})" for value, runs in by_value.items())
+            for key, by_value in differing.items()) + ". Score them again with the same " +
+            ", ".join(f"--{key}" for key in differing) + ".")
     return "\n".join(lines)
+
+
+def differing_generation_settings(rows):
+    """{setting: {value: [runs]}} for each generation setting on which the rows differ. Why it matters: a
+    checkpoint is scored at its training completion length and a base model at 1,024 tokens by default, so a table
+    can set a cold start's long answers against a checkpoint's cut ones (README, item 16)."""
+    differing = {}
+    for key in ("max_new_tokens", "temperature", "max_pixels", "system_prompt"):
+        by_value = {}
+        for r in rows:
+            value = r.get("settings", {}).get("generation", {}).get(key)
+            if value is not None and r["run"] not in by_value.setdefault(value, []):
+                by_value[value].append(r["run"])
+        if len(by_value) > 1:
+            differing[key] = by_value
+    return differing
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -289,6 +289,29 @@ def test_chance_is_the_mean_of_one_over_the_options_and_shown_in_the_table(tmp_p
     assert footer.endswith("Sets: count math, n=3, in; compare choice, n=2, out, chance 0.38.")
 
 
+def test_table_says_when_its_rows_were_generated_with_different_settings(tmp_path, capsys):
+    """A cold start scored at 1,024 tokens next to checkpoints scored at their training length (128) is named under
+    the table; rows generated alike get no such line."""
+    benchmarks = {"count/test": {"score": 0.5, "n": 2, "metric": "math", "role": "in"}}
+
+    def write(run, step, max_new_tokens):
+        generation = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "max_pixels": 0, "system_prompt": "default"}
+        os.makedirs(tmp_path / run / str(step))
+        (tmp_path / run / str(step) / "results.json").write_text(json.dumps(
+            {"run": run, "step": step, "mixture": {}, "benchmarks": benchmarks, "in_score": 0.5, "out_score": None,
+             "settings": {"generation": generation}}))
+
+    write("grpo", 50, 128)
+    write("grpo", 100, 128)
+    evaluate.main(["--table", str(tmp_path)])
+    assert "Not comparable" not in capsys.readouterr().out
+    write("cold", 0, 1024)
+    evaluate.main(["--table", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "Not comparable as they stand: the rows were generated with different settings: max_new_tokens 1024 (cold), "
+        "128 (grpo). Score them again with the same --max_new_tokens.")
+
+
 def test_table_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         evaluate.main(["--table", str(tmp_path)])
