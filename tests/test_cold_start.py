@@ -55,16 +55,16 @@ def test_rerun_with_the_same_settings_does_nothing(data_dir, cold_start_dir):
 
 
 def test_a_cold_start_from_before_a_setting_existed_counts_as_made_the_old_way(data_dir, cold_start_dir, tmp_path):
-    """train_vision came later: a cold start recorded without it was made with the tower trained (the default then
-    and the fixture's setting; today's default is False)."""
+    """train_vision came later: a cold start recorded without it was made with the tower trained (the default then;
+    today's default, and the fixture's setting, is False)."""
     old = tmp_path / "old"
     shutil.copytree(cold_start_dir, old)
     info = json.loads((old / "cold_start.json").read_text())
     del info["settings"]["train_vision"]
     (old / "cold_start.json").write_text(json.dumps(info))
     vlm.write_checksums(str(old))
-    assert "is up to date" in run_cold_start(data_dir, old).stdout
-    refused = run_cold_start(data_dir, old, "--train_vision=false", check=False)
+    assert "is up to date" in run_cold_start(data_dir, old, "--train_vision=true").stdout
+    refused = run_cold_start(data_dir, old, check=False)
     assert refused.returncode != 0 and "made with other train_vision" in refused.stderr
 
 

@@ -53,6 +53,27 @@ def test_three_steps_write_metrics_samples_and_change_weights(three_step_run, co
     assert config["mixture_weights"] == {"syn_count": 1.0} and config["planned_steps"] == 3
 
 
+def test_grpo_raises_the_accuracy_reward_not_only_the_format(data_dir, cold_start_dir, tmp_path):
+    """RL teaches more than the layout. The cold start leaves the count to RL (tiny_runs.cold_start: its answers are
+    random 0-6 after a rationale that counts the circles), so 50 steps on counting raise the math reward, and not
+    only through more answers passing the format gate: the answers move to the counts the pictures hold (1-3).
+    Measured, last 12 steps against the first 12, over 2 cold-start seeds x 3 GRPO seeds: math reward +0.056 to
+    +0.125, its rate among formatted answers +0.025 to +0.097 (format 0.78-0.87 -> 0.91-0.95). The margins are about
+    half the smallest gain."""
+    out = tmp_path / "run"
+    train(data_dir, out, cold_start_dir, "--max_steps=50", "--prompts_per_step=4", '--mixture={"syn_count": 1}',
+          "--checkpoint_every=50", "--log_samples_every=0")
+    rows = metrics(out)
+    first, last = rows[:12], rows[-12:]
+
+    def mean(part, key):
+        return sum(r[key] for r in part) / len(part)
+
+    assert mean(last, "reward_fn/math") - mean(first, "reward_fn/math") >= 0.03
+    formatted_accuracy = [mean(part, "reward_fn/math") / mean(part, "reward_fn/format") for part in (first, last)]
+    assert formatted_accuracy[1] - formatted_accuracy[0] >= 0.012
+
+
 def test_without_max_steps_one_pass_over_the_interleaved_pool(data_dir, cold_start_dir, tmp_path):
     out = tmp_path / "run"
     proc = train(data_dir, out, cold_start_dir, "--max_steps=0", "--checkpoint_every=1000", "--beta=0",
@@ -92,7 +113,7 @@ def test_fsdp_launch_on_cpu_is_a_clear_error(data_dir, tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(data_dir, cold_start_dir, tmp_path):
     args = ("--max_steps=6", "--checkpoint_every=2")
     reference = tmp_path / "reference"
-    train(data_dir, reference, cold_start_dir, *args)
+    uninterrupted = train(data_dir, reference, cold_start_dir, *args, wait=False)  # on the other core meanwhile
     killed = tmp_path / "killed"
     proc = train(data_dir, killed, cold_start_dir, *args, wait=False)
     deadline = time.time() + 300
@@ -103,6 +124,8 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, cold_start_dir, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     train(data_dir, killed, cold_start_dir, *args, "--resume")
+    output, _ = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, output[-3000:]
     assert metrics(killed) == metrics(reference)  # bit-exact on CPU: same data, RNG and optimizer state
     a = load_file(reference / "ckpt-000006" / "model.safetensors")
     b = load_file(killed / "ckpt-000006" / "model.safetensors")
