@@ -5,16 +5,6 @@ import vlm
 from tiny_runs import Server, add_noise, cold_start, write_data_dir
 
 
-def pytest_collection_modifyitems(items):
-    """Groups for pytest-xdist's --dist loadgroup (the README's test command runs on every core): a module's tests
-    stay on one worker, so its module fixtures (the smoke study, ...) are built once, and every module that uses the
-    vLLM server shares one worker, so the session starts one server."""
-    vllm_modules = {item.module.__name__ for item in items if "vllm_server" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("vllm" if module in vllm_modules else module))
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """Two small training domains in the record format (60 and 12 rows)."""
