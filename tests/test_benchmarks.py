@@ -1,9 +1,12 @@
-"""The parts of benchmarks/grpo_vs_trl.py that need no TRL: the prompt schedule both sides are fed and our side's
-timed run. TRL's side needs its own venv from PyPI (benchmarks/requirements-trl.txt), which CI does not build;
+"""The parts of benchmarks/grpo_vs_trl.py that need no TRL (the prompt schedule both sides are fed and our side's
+timed run), benchmarks/model_size.py on a toy size, and the GPU check on CPU. TRL's side needs its own venv from PyPI (benchmarks/requirements-trl.txt), which CI does not build;
 these keep the benchmark from silently breaking when train_grpo.py or vlm.py change."""
+import json
 import os
 import sys
 from types import SimpleNamespace
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -64,3 +67,35 @@ def test_gpu_check_knows_the_peak_of_the_gpus_it_is_meant_for():
     assert gpu_check.peak_flops("NVIDIA H200") == 989e12
     assert gpu_check.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu_check.peak_flops("Tesla T4") is None
+
+
+def test_model_size_128x2_is_the_tiny_model(tmp_path):
+    import model_size
+    import vlm
+    params = model_size.build_model(128, 2, str(tmp_path / "m"))
+    assert params == 823808  # the tiny model's count (as above)
+    built = vlm.load_policy(str(tmp_path / "m"))[0].state_dict()
+    tiny = vlm.build_tiny_model(vlm.build_tiny_tokenizer()).state_dict()
+    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in tiny.items()}
+
+
+def test_model_size_times_each_size_and_micro_batch(data_dir, tmp_path, capsys):
+    import model_size
+    model_size.main(["--sizes=64x1", "--micro_batch_sizes=0,3", "--steps=1", "--warmup=1", "--length=4",
+                     f"--data_dir={data_dir}", f"--out={tmp_path}"])
+    with open(tmp_path / "model_size.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["width"], r["layers"], r["micro_batch_size"]) for r in rows] == [(64, 1, 0), (64, 1, 3)]
+    # 4 prompts x 6 completions x 4 tokens (EOS held back) per step
+    assert all(abs(r["tokens_per_s"] - 96 / r["step_s"]) < 1e-6 and r["peak_mib"] > 0 for r in rows)
+    assert rows[0]["parameters"] == rows[1]["parameters"] < 823808
+    report = (tmp_path / "model_size.md").read_text()
+    assert "| 64x1 |" in report and "| all |" in report and "| 3 |" in report
+    assert report.strip() in capsys.readouterr().out
+
+
+def test_model_size_rejects_a_width_the_heads_do_not_divide(capsys):
+    import model_size
+    with pytest.raises(SystemExit):
+        model_size.parse_args(["--sizes=128x2,100x2"])
+    assert "size '100x2': the width must be a multiple of 64" in capsys.readouterr().err
