@@ -99,3 +99,48 @@ def test_model_size_rejects_a_width_the_heads_do_not_divide(capsys):
     with pytest.raises(SystemExit):
         model_size.parse_args(["--sizes=128x2,100x2"])
     assert "size '100x2': the width must be a multiple of 64" in capsys.readouterr().err
+
+
+def write_predictions(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rationale_probe_splits_scores_by_whether_the_think_is_the_reference(data_dir, tmp_path, capsys):
+    import datasets
+    import rationale_probe
+    meta = {r["id"]: json.loads(r["meta"])["rationale"]
+            for r in datasets.load_from_disk(str(data_dir / "syn_count" / "train"))}
+    assert meta["syn_count-0"].endswith(" circles")
+
+    def pred(i, think, score, name="syn_count/train"):
+        return {"set": name, "id": f"syn_count-{i}", "completion": f"{think}<answer>1</answer>", "score": score}
+    rows = [pred(0, f"<think>\n{meta['syn_count-0']}\n</think>\n", 1.0),  # right (whitespace around it aside)
+            pred(1, f"<think>{meta['syn_count-1']}</think>", 0.5),       # right
+            pred(2, f"<think>{meta['syn_count-2']}.</think>", 1.0),      # a word-for-word match only: wrong
+            pred(3, "", 0.0),                                             # no <think>: wrong
+            pred(4, "<think>7 circles</think>", 0.5),                     # wrong
+            {"set": "syn_count/train", "id": "not-a-record", "completion": "", "score": 1.0}]  # no rationale: skipped
+    results = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
+    r = results[str(tmp_path / "p.jsonl")]["syn_count/train"]
+    assert r["n"] == 5 and r["rationale_right"] == 0.4
+    assert r["score_if_right"] == 0.75 and abs(r["score_if_wrong"] - 0.5) < 1e-12  # (1 + 0 + 0.5) / 3
+    assert "| syn_count/train | 5 | 0.400 | 0.750 | 0.500 |" in capsys.readouterr().out
+    only_wrong = rationale_probe.main([write_predictions(tmp_path / "w.jsonl", rows[3:5]), f"--data_dir={data_dir}"])
+    assert only_wrong[str(tmp_path / "w.jsonl")]["syn_count/train"]["score_if_right"] is None
+    assert "| 0.000 | — | 0.250 |" in capsys.readouterr().out
+
+
+def test_rationale_probe_bad_input_is_a_one_line_error(data_dir, tmp_path):
+    import rationale_probe
+    other_set = write_predictions(tmp_path / "o.jsonl", [{"set": "syn_spatial/test", "id": "x", "completion": "",
+                                                          "score": 0.0}])
+    with pytest.raises(SystemExit, match="syn_spatial/test is not in .*manifest.json; give the --data_dir"):
+        rationale_probe.main([other_set, f"--data_dir={data_dir}"])
+    (tmp_path / "bad.jsonl").write_text('{"set": "syn_count/train"\n')
+    with pytest.raises(SystemExit, match="cannot read .*bad.jsonl .*give evaluate.py's predictions.jsonl"):
+        rationale_probe.main([str(tmp_path / "bad.jsonl"), f"--data_dir={data_dir}"])
+    no_rationale = write_predictions(tmp_path / "n.jsonl", [{"set": "syn_count/train", "id": "nope", "completion": "",
+                                                             "score": 0.0}])
+    with pytest.raises(SystemExit, match="no prediction in .*n.jsonl is of a record with a reference rationale"):
+        rationale_probe.main([no_rationale, f"--data_dir={data_dir}"])
