@@ -287,6 +287,32 @@ def where(box, canvas):
     return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
+def cell_of(box):
+    """(row, column), from 1, of the CELL x CELL cell that a box's centre is in: the image token that holds it."""
+    return (box[1] + box[3]) // 2 // CELL + 1, (box[0] + box[2]) // 2 // CELL + 1
+
+
+def scan(objects):
+    """'red circle in row 1 column 2, blue square in row 3 column 1': every object, row by row, with its cell."""
+    return ", ".join("{} {} in row {} column {}".format(o["color"], o["shape"], *cell_of(o["box"]))
+                     for o in sorted(objects, key=lambda o: cell_of(o["box"])))
+
+
+def scan_rationale(domain, example):
+    """--rationale=scan for syn_ground and syn_spatial: the picture read object by object first, then the named
+    objects looked up in that list, so that the model need not find a named object among several in one step
+    (README, 'Why the tiny model ignores its image', item 20). The claim at the end is the short rationale's."""
+    objects = example["objects"]
+    named = ["{} {} is in row {} column {}".format(o["color"], o["shape"], *cell_of(o["box"])) for o in objects[:2]]
+    if domain == "syn_ground":  # the target is the first object
+        return f"{scan(objects)}; so the {named[0]}"
+    # syn_spatial: the two objects of the question are the first two
+    return f"{scan(objects)}; so the {named[0]} and the {named[1].replace(' is in ', ' in ')}, so {example['rationale']}"
+
+
+SCANNED = ("syn_ground", "syn_spatial")
+
+
 def random_specs(rng, n, shapes=SHAPES, colors=tuple(COLORS)):
     return [(rng.choice(shapes), rng.choice(colors)) for _ in range(n)]
 
@@ -458,10 +484,13 @@ class OptionsInGivenOrder(random.Random):
         pass
 
 
-def synthetic_example(domain, split, index, seed, option_order="fixed", layout="free", count_answers="natural"):
+def synthetic_example(domain, split, index, seed, option_order="fixed", layout="free", count_answers="natural",
+                      rationale="short"):
     """One example, from its own rng: any record can be regenerated alone, and train and test never share a draw.
     count_answers="uniform": a syn_count answer is drawn uniformly from 0-6 first and scenes are drawn until one has
-    it, so that no constant answer scores more than about 1/7 (with "natural" counts answering 1 scores 0.31)."""
+    it, so that no constant answer scores more than about 1/7 (with "natural" counts answering 1 scores 0.31).
+    rationale="scan": grounding's and spatial relations' rationales list every object with its cell first
+    (scan_rationale); the pictures and answers are the same."""
     generate, _, kind = SYNTHETIC[domain]
     rng = (OptionsInGivenOrder if option_order == "fixed" else random.Random)(f"{seed}/{domain}/{split}/{index}")
     wanted = str(rng.randint(0, 6)) if domain == "syn_count" and count_answers == "uniform" else None
@@ -470,7 +499,8 @@ def synthetic_example(domain, split, index, seed, option_order="fixed", layout="
         example = generate(rng, grid=layout == "grid")
     image = example["image"] if "image" in example else draw(example["objects"], example["canvas"])
     problem = example["problem"] + (SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
-    meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": example["rationale"],
+    why = scan_rationale(domain, example) if rationale == "scan" and domain in SCANNED else example["rationale"]
+    meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": why,
             "source": {"dataset": f"synthetic (seed {seed})", "split": split, "row": index}}
     if example["options"]:
         meta["options"] = example["options"]
@@ -485,10 +515,12 @@ def synthetic_splits(n_train, n_test, only=None):
             if only in (None, split)]
 
 
-def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", layout="free", count_answers="natural"):
+def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", layout="free", count_answers="natural",
+                    rationale="short"):
     source = (f"synthetic (seed {seed})" + (", options in a fixed order" if option_order == "fixed" else "")
               + (", objects on the image-token grid" if layout == "grid" else "")
-              + (", counts uniform over 0-6" if count_answers == "uniform" else ""))
+              + (", counts uniform over 0-6" if count_answers == "uniform" else "")
+              + (", rationales that scan the picture" if rationale == "scan" else ""))
     for domain, split, n in splits:
         recipe = {"source": source, "rows": n, "script_sha256": script_sha256()}
         if not force and is_up_to_date(data_dir, domain, split, recipe):
@@ -497,7 +529,7 @@ def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", l
         records, digests = [], []
         for i in tqdm(range(n), desc=f"{domain}/{split}", leave=False):
             image, record_id, problem, solution, meta = synthetic_example(domain, split, i, seed, option_order, layout,
-                                                                          count_answers)
+                                                                          count_answers, rationale)
             records.append(make_record(record_id, domain, encode_png(image), problem, solution, meta))
             digests.append(record_digest(records[-1], image))
         info = {"reward": domain, "role": SYNTHETIC[domain][1], "split_source": source}
@@ -505,7 +537,7 @@ def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", l
         print(f"{domain}/{split}: {entry['rows']} rows")
 
 
-def contact_sheet(path, seed, layout="free", count_answers="natural", per_domain=4):
+def contact_sheet(path, seed, layout="free", count_answers="natural", rationale="short", per_domain=4):
     """A PNG with a few test examples of each synthetic domain: image (3x for 56 px, 2x for 112 px, gold boxes drawn
     in black), problem without the constant suffix, answer and rationale written under it."""
     font = ImageFont.load_default(size=11)
@@ -520,7 +552,7 @@ def contact_sheet(path, seed, layout="free", count_answers="natural", per_domain
         d.text((8, y0 + 100), f"{domain}\n{kind}\n({role})", fill="black", font=font)
         for k in range(per_domain):
             image, _, problem, solution, meta = synthetic_example(domain, "test", k, seed, layout=layout,
-                                                                  count_answers=count_answers)
+                                                                  count_answers=count_answers, rationale=rationale)
             scale = 224 // image.size[0]
             big = image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
             if kind in ("detection", "iou"):
@@ -1027,6 +1059,11 @@ def main(argv=None):
                    help="synthetic suite: syn_count's answers as its scenes give them (default: 1 answers 29-31%% "
                         "of the records) or uniform over 0-6, so that a constant answer scores about 1/7 (README "
                         "item 14)")
+    p.add_argument("--rationale", choices=["short", "scan"], default="short",
+                   help="synthetic suite: the rationale the cold start imitates; short (default: 'the red circle is "
+                        "at the top left') or, for grounding and spatial relations, a scan of every object with its "
+                        "cell first ('blue square in row 1 column 3, red circle in row 2 column 1; so the red circle "
+                        "is in row 2 column 1'), which lifts the cold start's grounding (README item 20)")
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)
@@ -1035,7 +1072,7 @@ def main(argv=None):
             p.error(f"--{option} must be at least 1 (got {getattr(args, option)})")
 
     if args.contact_sheet:
-        contact_sheet(args.contact_sheet, args.seed, args.layout, args.count_answers)
+        contact_sheet(args.contact_sheet, args.seed, args.layout, args.count_answers, args.rationale)
         return
     names = [d for name in args.dataset for d in GROUPS.get(name, [name])]
     if "synthetic" in names and args.split not in (None, "train", "test"):
@@ -1061,7 +1098,7 @@ def main(argv=None):
     mark_pending(args.data_dir, planned, True)
     try:
         build_synthetic(args.data_dir, args.seed, synthetic, force=args.force, option_order=args.option_order,
-                        layout=args.layout, count_answers=args.count_answers)
+                        layout=args.layout, count_answers=args.count_answers, rationale=args.rationale)
         for name, split, source in jobs:
             convert_hub(name, split, source, args.data_dir, strict=args.strict, force=args.force)
     except (Exception, SystemExit):  # an error on screen: the manifest lists what was built (a kill or Ctrl-C, which

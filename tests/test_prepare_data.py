@@ -538,6 +538,45 @@ def test_uniform_count_answers_cover_0_to_6_and_match_the_scene():
         P.synthetic_example("syn_ground", "train", 3, 0)
 
 
+def test_scan_rationales_list_every_object_by_cell_then_look_the_named_ones_up(tmp_path, capsys):
+    """--rationale=scan: grounding's and spatial relations' rationales read the scene row by row, each object with
+    the 28 px cell of its centre, then name the asked objects' cells; pictures, problems, answers and the other
+    domains are those of the short rationales, and the manifest names the choice."""
+    objects = [{"shape": "circle", "color": "red", "box": [60, 32, 80, 52]},  # centre (70, 42): row 2, column 3
+               {"shape": "square", "color": "blue", "box": [4, 4, 24, 24]},  # (14, 14): row 1, column 1
+               {"shape": "triangle", "color": "green", "box": [88, 4, 108, 24]}]  # (98, 14): row 1, column 4
+    listed = "blue square in row 1 column 1, green triangle in row 1 column 4, red circle in row 2 column 3"
+    assert P.scan(objects) == listed
+    assert P.scan_rationale("syn_ground", {"objects": objects, "rationale": "the red circle is at the top right"}) \
+        == listed + "; so the red circle is in row 2 column 3"
+    assert P.scan_rationale("syn_spatial", {"objects": objects, "rationale": "the red circle is below the blue "
+                                            "square"}) == (listed + "; so the red circle is in row 2 column 3 and "
+                                                           "the blue square in row 1 column 1, so the red circle is "
+                                                           "below the blue square")
+    assert P.scan([]) == ""
+    for domain in ("syn_ground", "syn_spatial", "syn_count", "syn_science"):
+        for k in range(10):
+            short = P.synthetic_example(domain, "test", k, 0, layout="grid")
+            scanned = P.synthetic_example(domain, "test", k, 0, layout="grid", rationale="scan")
+            assert scanned[:4] == short[:4] and scanned[4].keys() == short[4].keys()  # same picture, problem, answer
+            if domain not in P.SCANNED:
+                assert scanned == short
+                continue
+            listing, claim = scanned[4]["rationale"].split("; so ")
+            cells = [tuple(int(v) for v in item.split(" in row ")[1].split(" column ")) for item in listing.split(", ")]
+            assert cells == sorted(set(cells)) and len(cells) >= 2  # row by row, one object per cell on the grid
+            if domain == "syn_ground":  # the claimed cell holds the answer's box
+                x1, y1, x2, y2 = json.loads(short[3][len("<answer>"):-len("</answer>")])
+                assert claim.endswith("in row {} column {}".format((y1 + y2) // 2 // 28 + 1, (x1 + x2) // 2 // 28 + 1))
+                assert short[4]["rationale"].startswith(claim.split(" is in ")[0] + " is at the ")  # the same object
+            else:
+                assert claim.endswith(", so " + short[4]["rationale"])
+    P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2"])
+    P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2", "--rationale", "scan"])
+    assert "up to date" not in capsys.readouterr().out
+    assert manifest(tmp_path)["datasets"]["syn_ground"]["source"].endswith(", rationales that scan the picture")
+
+
 def test_contact_sheet(tmp_path):
     from PIL import Image
     P.main(["--contact_sheet", str(tmp_path / "sheet.png"), "--data_dir", str(tmp_path / "data")])
