@@ -292,10 +292,14 @@ def cell_of(box):
     return (box[1] + box[3]) // 2 // CELL + 1, (box[0] + box[2]) // 2 // CELL + 1
 
 
+def cell_words(obj):
+    return "row {} column {}".format(*cell_of(obj["box"]))
+
+
 def scan(objects):
     """'red circle in row 1 column 2, blue square in row 3 column 1': every object, row by row, with its cell."""
-    return ", ".join("{} {} in row {} column {}".format(o["color"], o["shape"], *cell_of(o["box"]))
-                     for o in sorted(objects, key=lambda o: cell_of(o["box"])))
+    in_rows = sorted(objects, key=lambda o: cell_of(o["box"]))
+    return ", ".join(f"{o['color']} {o['shape']} in {cell_words(o)}" for o in in_rows)
 
 
 def scan_rationale(domain, example):
@@ -303,11 +307,12 @@ def scan_rationale(domain, example):
     objects looked up in that list, so that the model need not find a named object among several in one step
     (README, 'Why the tiny model ignores its image', item 20). The claim at the end is the short rationale's."""
     objects = example["objects"]
-    named = ["{} {} is in row {} column {}".format(o["color"], o["shape"], *cell_of(o["box"])) for o in objects[:2]]
-    if domain == "syn_ground":  # the target is the first object
-        return f"{scan(objects)}; so the {named[0]}"
-    # syn_spatial: the two objects of the question are the first two
-    return f"{scan(objects)}; so the {named[0]} and the {named[1].replace(' is in ', ' in ')}, so {example['rationale']}"
+    a = objects[0]  # grounding's target; spatial relations' two named objects are the first two
+    if domain == "syn_ground":
+        return f"{scan(objects)}; so the {a['color']} {a['shape']} is in {cell_words(a)}"
+    b = objects[1]
+    return (f"{scan(objects)}; so the {a['color']} {a['shape']} is in {cell_words(a)} and the {b['color']} "
+            f"{b['shape']} in {cell_words(b)}, so {example['rationale']}")
 
 
 SCANNED = ("syn_ground", "syn_spatial")
