@@ -12,6 +12,12 @@ and of those whose <think> is wrong. A cold start with random answers (cold_star
 step from a right rationale to its answer to GRPO; the share of right rationales bounds what that can reach (README,
 "Why the tiny model ignores its image", item 18). The match is exact: a run whose wording drifts under RL counts as
 wrong, so compare cold starts, or read a run's rows next to its cold start's. Sets without rationales are skipped.
+
+A scan rationale (prepare_data.py --rationale=scan: "<object> in row r column c, ...; so the <named object> is in
+..."), gets a second table: the share whose list of objects is right, whose claim after "; so " is right, and whose
+claim is right among those whose list is; and, for one-object claims (grounding), the share a claim would get right
+by picking one of the listed objects at random (the mean of 1 / objects listed). A claim right at that rate reads
+where objects are but not which one the question names (README item 20).
 """
 import argparse
 import json
@@ -24,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 THINK = re.compile(r"<think>\s*(.*?)\s*</think>", re.S)
+SCAN_CLAIM = "; so "  # prepare_data.scan_rationale: the list of objects, then the claim
 
 
 def parse_args(argv=None):
@@ -81,16 +88,56 @@ def probe(predictions, rationales):
     return out
 
 
-def table(results):
-    def cell(value):
-        return "—" if value is None else f"{value:.3f}"
-    lines = ["| predictions | set | n | rationale right | score, rationale right | score, rationale wrong |",
-             "|---|---|---|---|---|---|"]
+def scan_probe(predictions, rationales):
+    """{set: {n, list_right, claim_right, claim_right_if_list_right, claim_by_random_pick}} over the predictions
+    whose reference rationale is a scan ("<list>; so <claim>"); claim_by_random_pick is None for claims that name
+    more than one object, claim_right_if_list_right None where no list is right."""
+    groups = defaultdict(list)
+    for p in predictions:
+        reference = rationales.get((p["set"], p["id"]))
+        if reference is None or SCAN_CLAIM not in reference:
+            continue
+        think = THINK.search(p["completion"])
+        listed, claim = reference.split(SCAN_CLAIM, 1)
+        got_list, _, got_claim = (think.group(1) if think else "").partition(SCAN_CLAIM)
+        one_object = " and the " not in claim
+        groups[p["set"]].append((got_list == listed, got_claim == claim,
+                                 1 / len(listed.split(", ")) if one_object else None))
+    out = {}
+    for name, rows in sorted(groups.items()):
+        claims_if_list = [claim for listed, claim, _ in rows if listed]
+        picks = [pick for _, _, pick in rows]
+        out[name] = {"n": len(rows), "list_right": sum(r[0] for r in rows) / len(rows),
+                     "claim_right": sum(r[1] for r in rows) / len(rows),
+                     "claim_right_if_list_right": sum(claims_if_list) / len(claims_if_list) if claims_if_list else None,
+                     "claim_by_random_pick": None if None in picks else sum(picks) / len(picks)}
+    return out
+
+
+def cell(value):
+    return "—" if value is None else f"{value:.3f}"
+
+
+def markdown(columns, results, values):
+    """One row per (predictions file, set): `values(row)` gives the cells after the two names."""
+    lines = ["| predictions | set | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for path, rows in results.items():
         for name, r in rows.items():
-            lines.append(f"| {path} | {name} | {r['n']} | {r['rationale_right']:.3f} | {cell(r['score_if_right'])} "
-                         f"| {cell(r['score_if_wrong'])} |")
+            lines.append(f"| {path} | {name} | " + " | ".join(values(r)) + " |")
     return "\n".join(lines)
+
+
+def table(results):
+    return markdown(["n", "rationale right", "score, rationale right", "score, rationale wrong"], results,
+                    lambda r: [str(r["n"]), cell(r["rationale_right"]), cell(r["score_if_right"]),
+                               cell(r["score_if_wrong"])])
+
+
+def scan_table(results):
+    return markdown(["n", "list right", "claim right", "claim right, list right", "claim by a random pick"], results,
+                    lambda r: [str(r["n"])] + [cell(r[k]) for k in ("list_right", "claim_right",
+                                                                    "claim_right_if_list_right",
+                                                                    "claim_by_random_pick")])
 
 
 def main(argv=None):
@@ -102,7 +149,10 @@ def main(argv=None):
         raise SystemExit(f"error: no prediction in {', '.join(args.predictions)} is of a record with a reference "
                          f"rationale in {args.data_dir} (the synthetic suite's records have them)")
     print(table(results))
-    return results
+    scans = {path: scan_probe(rows, rationales) for path, rows in loaded.items()}
+    if any(scans.values()):
+        print("\nScan rationales (--rationale=scan):\n" + scan_table(scans))
+    return results, scans
 
 
 if __name__ == "__main__":

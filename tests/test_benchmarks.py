@@ -121,14 +121,52 @@ def test_rationale_probe_splits_scores_by_whether_the_think_is_the_reference(dat
             pred(3, "", 0.0),                                             # no <think>: wrong
             pred(4, "<think>7 circles</think>", 0.5),                     # wrong
             {"set": "syn_count/train", "id": "not-a-record", "completion": "", "score": 1.0}]  # no rationale: skipped
-    results = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
+    results, scans = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
+    assert scans == {str(tmp_path / "p.jsonl"): {}}  # no scan rationales: no second table
+    assert "Scan rationales" not in capsys.readouterr().out
     r = results[str(tmp_path / "p.jsonl")]["syn_count/train"]
     assert r["n"] == 5 and r["rationale_right"] == 0.4
     assert r["score_if_right"] == 0.75 and abs(r["score_if_wrong"] - 0.5) < 1e-12  # (1 + 0 + 0.5) / 3
+    results, _ = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
     assert "| syn_count/train | 5 | 0.400 | 0.750 | 0.500 |" in capsys.readouterr().out
-    only_wrong = rationale_probe.main([write_predictions(tmp_path / "w.jsonl", rows[3:5]), f"--data_dir={data_dir}"])
+    only_wrong, _ = rationale_probe.main([write_predictions(tmp_path / "w.jsonl", rows[3:5]), f"--data_dir={data_dir}"])
     assert only_wrong[str(tmp_path / "w.jsonl")]["syn_count/train"]["score_if_right"] is None
     assert "| 0.000 | — | 0.250 |" in capsys.readouterr().out
+
+
+def test_rationale_probe_splits_scan_rationales_into_list_and_claim(tmp_path, capsys):
+    import datasets
+    import prepare_data
+    import rationale_probe
+    prepare_data.main(["--data_dir", str(tmp_path / "data"), "--n_train", "1", "--n_test", "2", "--layout", "grid",
+                       "--rationale", "scan"])
+    ground = {r["id"]: json.loads(r["meta"])["rationale"]
+              for r in datasets.load_from_disk(str(tmp_path / "data" / "syn_ground" / "test"))}
+    (g0, ref0), (g1, ref1) = sorted(ground.items())
+    spatial_id, spatial_ref = min((r["id"], json.loads(r["meta"])["rationale"])
+                                  for r in datasets.load_from_disk(str(tmp_path / "data" / "syn_spatial" / "test")))
+    list0, claim0 = ref0.split("; so ")
+    wrong_claim = "the red circle is in row 9 column 9"
+
+    def pred(name, i, think):
+        return {"set": name, "id": i, "completion": f"<think>{think}</think><answer>[0, 0, 1, 1]</answer>",
+                "score": 0.0}
+    rows = [pred("syn_ground/test", g0, ref0),                                 # list and claim right
+            pred("syn_ground/test", g1, ref1.split("; so ")[0] + "; so " + wrong_claim),  # list right, claim wrong
+            pred("syn_spatial/test", spatial_id, "blue square in row 1 column 1; so " + spatial_ref.split("; so ")[1])]
+    _, scans = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows),
+                                     f"--data_dir={tmp_path / 'data'}"])
+    g = scans[str(tmp_path / "p.jsonl")]["syn_ground/test"]
+    assert g["n"] == 2 and g["list_right"] == 1.0 and g["claim_right"] == 0.5 and g["claim_right_if_list_right"] == 0.5
+    # a random pick among the listed objects: 1 / (objects in the list), averaged over the two pictures
+    # (" in row " once per listed object and once in the claim)
+    assert g["claim_by_random_pick"] == (1 / (ref0.count(" in row ") - 1) + 1 / (ref1.count(" in row ") - 1)) / 2
+    s = scans[str(tmp_path / "p.jsonl")]["syn_spatial/test"]  # the list wrong, the claim (two cells + relation) right
+    assert (s["n"], s["list_right"], s["claim_right"]) == (1, 0.0, 1.0)
+    assert s["claim_right_if_list_right"] is None and s["claim_by_random_pick"] is None  # two objects named
+    out = capsys.readouterr().out
+    assert "Scan rationales" in out and "| syn_spatial/test | 1 | 0.000 | 1.000 | — | — |" in out
+    assert claim0.startswith("the ") and " is in row " in claim0
 
 
 def test_rationale_probe_bad_input_is_a_one_line_error(data_dir, tmp_path):
