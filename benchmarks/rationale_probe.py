@@ -14,7 +14,7 @@ step from a right rationale to its answer to GRPO; the share of right rationales
 wrong, so compare cold starts, or read a run's rows next to its cold start's. Sets without rationales are skipped.
 
 A scan rationale (prepare_data.py --rationale=scan: "<object> in row r column c, ...; so the <named object> is in
-..."), gets a second table: the share whose list of objects is right, whose claim after "; so " is right, and whose
+...") gets a second table: the share whose list of objects is right, whose claim after "; so " is right, and whose
 claim is right among those whose list is; and, for one-object claims (grounding), the share a claim would get right
 by picking one of the listed objects at random (the mean of 1 / objects listed). A claim right at that rate reads
 where objects are but not which one the question names (README item 20).

@@ -122,13 +122,12 @@ def test_rationale_probe_splits_scores_by_whether_the_think_is_the_reference(dat
             pred(4, "<think>7 circles</think>", 0.5),                     # wrong
             {"set": "syn_count/train", "id": "not-a-record", "completion": "", "score": 1.0}]  # no rationale: skipped
     results, scans = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
-    assert scans == {str(tmp_path / "p.jsonl"): {}}  # no scan rationales: no second table
-    assert "Scan rationales" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert scans == {str(tmp_path / "p.jsonl"): {}} and "Scan rationales" not in out  # no scan rationales: one table
     r = results[str(tmp_path / "p.jsonl")]["syn_count/train"]
     assert r["n"] == 5 and r["rationale_right"] == 0.4
     assert r["score_if_right"] == 0.75 and abs(r["score_if_wrong"] - 0.5) < 1e-12  # (1 + 0 + 0.5) / 3
-    results, _ = rationale_probe.main([write_predictions(tmp_path / "p.jsonl", rows), f"--data_dir={data_dir}"])
-    assert "| syn_count/train | 5 | 0.400 | 0.750 | 0.500 |" in capsys.readouterr().out
+    assert "| syn_count/train | 5 | 0.400 | 0.750 | 0.500 |" in out
     only_wrong, _ = rationale_probe.main([write_predictions(tmp_path / "w.jsonl", rows[3:5]), f"--data_dir={data_dir}"])
     assert only_wrong[str(tmp_path / "w.jsonl")]["syn_count/train"]["score_if_right"] is None
     assert "| 0.000 | — | 0.250 |" in capsys.readouterr().out
@@ -145,7 +144,7 @@ def test_rationale_probe_splits_scan_rationales_into_list_and_claim(tmp_path, ca
     (g0, ref0), (g1, ref1) = sorted(ground.items())
     spatial_id, spatial_ref = min((r["id"], json.loads(r["meta"])["rationale"])
                                   for r in datasets.load_from_disk(str(tmp_path / "data" / "syn_spatial" / "test")))
-    list0, claim0 = ref0.split("; so ")
+    claim0 = ref0.split("; so ")[1]
     wrong_claim = "the red circle is in row 9 column 9"
 
     def pred(name, i, think):
