@@ -302,20 +302,42 @@ def scan(objects):
     return ", ".join(f"{o['color']} {o['shape']} in {cell_words(o)}" for o in in_rows)
 
 
+def named_cells(domain, example):
+    """'; so the red circle is in row 2 column 1' (and, for spatial relations, the second object and the relation):
+    the claim that ends a scan or find rationale."""
+    a = example["objects"][0]  # grounding's target; spatial relations' two named objects are the first two
+    if domain == "syn_ground":
+        return f"; so the {a['color']} {a['shape']} is in {cell_words(a)}"
+    b = example["objects"][1]
+    return (f"; so the {a['color']} {a['shape']} is in {cell_words(a)} and the {b['color']} {b['shape']} in "
+            f"{cell_words(b)}, so {example['rationale']}")
+
+
 def scan_rationale(domain, example):
     """--rationale=scan for syn_ground and syn_spatial: the picture read object by object first, then the named
     objects looked up in that list, so that the model need not find a named object among several in one step
-    (README, 'Why the tiny model ignores its image', item 20). The claim at the end is the short rationale's."""
+    (README, 'Why the tiny model ignores its image', item 20)."""
+    return scan(example["objects"]) + named_cells(domain, example)
+
+
+def find_rationale(domain, example):
+    """--rationale=find for syn_ground and syn_spatial: the picture read object by object, each judged right after
+    its words against the objects the question names (`blue circle no in row 1 column 3, red circle yes in row 2
+    column 1`), so that the named object is found by comparing the object just read with the question, never by
+    looking its words up in a list (README, 'Why the tiny model ignores its image', item 22). Grounding's scan stops
+    at the named object; spatial relations' lists every object."""
     objects = example["objects"]
-    a = objects[0]  # grounding's target; spatial relations' two named objects are the first two
+    named = objects[:1] if domain == "syn_ground" else objects[:2]
+    in_rows = sorted(objects, key=lambda o: cell_of(o["box"]))
     if domain == "syn_ground":
-        return f"{scan(objects)}; so the {a['color']} {a['shape']} is in {cell_words(a)}"
-    b = objects[1]
-    return (f"{scan(objects)}; so the {a['color']} {a['shape']} is in {cell_words(a)} and the {b['color']} "
-            f"{b['shape']} in {cell_words(b)}, so {example['rationale']}")
+        in_rows = in_rows[:in_rows.index(named[0]) + 1]
+    listed = ", ".join(f"{o['color']} {o['shape']} {'yes' if o in named else 'no'} in {cell_words(o)}"
+                       for o in in_rows)
+    return listed + named_cells(domain, example)
 
 
 SCANNED = ("syn_ground", "syn_spatial")
+RATIONALES = {"scan": scan_rationale, "find": find_rationale}
 
 
 def random_specs(rng, n, shapes=SHAPES, colors=tuple(COLORS)):
@@ -495,7 +517,8 @@ def synthetic_example(domain, split, index, seed, option_order="fixed", layout="
     count_answers="uniform": a syn_count answer is drawn uniformly from 0-6 first and scenes are drawn until one has
     it, so that no constant answer scores more than about 1/7 (with "natural" counts answering 1 scores 0.31).
     rationale="scan": grounding's and spatial relations' rationales list every object with its cell first
-    (scan_rationale); the pictures and answers are the same."""
+    (scan_rationale); "find" judges each listed object against the question too (find_rationale); the pictures and
+    answers are the same."""
     generate, _, kind = SYNTHETIC[domain]
     rng = (OptionsInGivenOrder if option_order == "fixed" else random.Random)(f"{seed}/{domain}/{split}/{index}")
     wanted = str(rng.randint(0, 6)) if domain == "syn_count" and count_answers == "uniform" else None
@@ -504,7 +527,8 @@ def synthetic_example(domain, split, index, seed, option_order="fixed", layout="
         example = generate(rng, grid=layout == "grid")
     image = example["image"] if "image" in example else draw(example["objects"], example["canvas"])
     problem = example["problem"] + (SUFFIX_OPTION if kind == "choice" else SUFFIX_PLAIN)
-    why = scan_rationale(domain, example) if rationale == "scan" and domain in SCANNED else example["rationale"]
+    scanned = rationale in RATIONALES and domain in SCANNED
+    why = RATIONALES[rationale](domain, example) if scanned else example["rationale"]
     meta = {"image_size": list(image.size), "box_convention": "pixel", "rationale": why,
             "source": {"dataset": f"synthetic (seed {seed})", "split": split, "row": index}}
     if example["options"]:
@@ -525,7 +549,8 @@ def build_synthetic(data_dir, seed, splits, force=False, option_order="fixed", l
     source = (f"synthetic (seed {seed})" + (", options in a fixed order" if option_order == "fixed" else "")
               + (", objects on the image-token grid" if layout == "grid" else "")
               + (", counts uniform over 0-6" if count_answers == "uniform" else "")
-              + (", rationales that scan the picture" if rationale == "scan" else ""))
+              + {"short": "", "scan": ", rationales that scan the picture",
+                 "find": ", rationales that find the named objects while scanning"}[rationale])
     for domain, split, n in splits:
         recipe = {"source": source, "rows": n, "script_sha256": script_sha256()}
         if not force and is_up_to_date(data_dir, domain, split, recipe):
@@ -1064,11 +1089,13 @@ def main(argv=None):
                    help="synthetic suite: syn_count's answers as its scenes give them (default: 1 answers 29-31%% "
                         "of the records) or uniform over 0-6, so that a constant answer scores about 1/7 (README "
                         "item 14)")
-    p.add_argument("--rationale", choices=["short", "scan"], default="short",
+    p.add_argument("--rationale", choices=["short", "scan", "find"], default="short",
                    help="synthetic suite: the rationale the cold start imitates; short (default: 'the red circle is "
                         "at the top left') or, for grounding and spatial relations, a scan of every object with its "
                         "cell first ('blue square in row 1 column 3, red circle in row 2 column 1; so the red circle "
-                        "is in row 2 column 1'), which lifts the cold start's grounding (README item 20)")
+                        "is in row 2 column 1'), which lifts the cold start's grounding (README item 20), or find: the same "
+                        "scan with each object judged against the question right after its words ('blue square no "
+                        "in row 1 column 3, red circle yes in row 2 column 1; ...'; README item 22)")
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)

@@ -17,7 +17,9 @@ A scan rationale (prepare_data.py --rationale=scan: "<object> in row r column c,
 ...") gets a second table: the share whose list of objects is right, whose claim after "; so " is right, and whose
 claim is right among those whose list is; and, for one-object claims (grounding), the share a claim would get right
 by picking one of the listed objects at random (the mean of 1 / objects listed). A claim right at that rate reads
-where objects are but not which one the question names (README item 20).
+where objects are but not which one the question names (README item 20). A find rationale (--rationale=find: each
+listed object judged "yes" or "no" against the question) gets the same table; its grounding list stops at the named
+object, so no random pick's rate is given for it (the same scenes' scan rationales give it).
 """
 import argparse
 import json
@@ -90,8 +92,8 @@ def probe(predictions, rationales):
 
 def scan_probe(predictions, rationales):
     """{set: {n, list_right, claim_right, claim_right_if_list_right, claim_by_random_pick}} over the predictions
-    whose reference rationale is a scan ("<list>; so <claim>"); claim_by_random_pick is None for claims that name
-    more than one object, claim_right_if_list_right None where no list is right."""
+    whose reference rationale is a scan or a find ("<list>; so <claim>"); claim_by_random_pick is None for claims
+    that name more than one object and for find lists, claim_right_if_list_right None where no list is right."""
     groups = defaultdict(list)
     for p in predictions:
         reference = rationales.get((p["set"], p["id"]))
@@ -100,9 +102,9 @@ def scan_probe(predictions, rationales):
         think = THINK.search(p["completion"])
         listed, claim = reference.split(SCAN_CLAIM, 1)
         got_list, _, got_claim = (think.group(1) if think else "").partition(SCAN_CLAIM)
-        one_object = " and the " not in claim
+        whole_list = " yes in " not in listed  # a find rationale's grounding list stops at the named object
         groups[p["set"]].append((got_list == listed, got_claim == claim,
-                                 1 / len(listed.split(", ")) if one_object else None))
+                                 1 / len(listed.split(", ")) if " and the " not in claim and whole_list else None))
     out = {}
     for name, rows in sorted(groups.items()):
         claims_if_list = [claim for listed, claim, _ in rows if listed]
@@ -151,7 +153,7 @@ def main(argv=None):
     print(table(results))
     scans = {path: scan_probe(rows, rationales) for path, rows in loaded.items()}
     if any(scans.values()):
-        print("\nScan rationales (--rationale=scan):\n" + scan_table(scans))
+        print("\nScan rationales (--rationale=scan or find):\n" + scan_table(scans))
     return results, scans
 
 

@@ -166,6 +166,17 @@ def test_rationale_probe_splits_scan_rationales_into_list_and_claim(tmp_path, ca
     out = capsys.readouterr().out
     assert "Scan rationales" in out and "| syn_spatial/test | 1 | 0.000 | 1.000 | — | — |" in out
     assert claim0.startswith("the ") and " is in row " in claim0
+    # a find rationale (--rationale=find) is split the same way; its grounding list stops at the named object, so no
+    # random pick's rate is given
+    prepare_data.main(["--data_dir", str(tmp_path / "find"), "--n_train", "1", "--n_test", "2", "--layout", "grid",
+                       "--rationale", "find"])
+    found = {r["id"]: json.loads(r["meta"])["rationale"]
+             for r in datasets.load_from_disk(str(tmp_path / "find" / "syn_ground" / "test"))}
+    assert found[g0].split("; so ")[1] == claim0 and " yes in " in found[g0]
+    _, scans = rationale_probe.main([write_predictions(tmp_path / "f.jsonl", [pred("syn_ground/test", g0, found[g0])]),
+                                     f"--data_dir={tmp_path / 'find'}"])
+    assert scans[str(tmp_path / "f.jsonl")]["syn_ground/test"] == {
+        "n": 1, "list_right": 1.0, "claim_right": 1.0, "claim_right_if_list_right": 1.0, "claim_by_random_pick": None}
 
 
 def test_rationale_probe_bad_input_is_a_one_line_error(data_dir, tmp_path):

@@ -538,7 +538,7 @@ def test_uniform_count_answers_cover_0_to_6_and_match_the_scene():
         P.synthetic_example("syn_ground", "train", 3, 0)
 
 
-def test_scan_rationales_list_every_object_by_cell_then_look_the_named_ones_up(tmp_path, capsys):
+def test_scan_and_find_rationales_list_every_object_by_cell_then_name_the_named_ones_cells(tmp_path, capsys):
     """--rationale=scan: grounding's and spatial relations' rationales read the scene row by row, each object with
     the 28 px cell of its centre, then name the asked objects' cells; pictures, problems, answers and the other
     domains are those of the short rationales, and the manifest names the choice."""
@@ -571,10 +571,43 @@ def test_scan_rationales_list_every_object_by_cell_then_look_the_named_ones_up(t
                 assert short[4]["rationale"].startswith(claim.split(" is in ")[0] + " is at the ")  # the same object
             else:
                 assert claim.endswith(", so " + short[4]["rationale"])
+    grounding = {"objects": objects, "rationale": "the red circle is at the top right"}
+    assert P.find_rationale("syn_ground", grounding) == ("blue square no in row 1 column 1, green triangle no in row "
+                                                         "1 column 4, red circle yes in row 2 column 3; so the red "
+                                                         "circle is in row 2 column 3")
+    grounding["objects"] = [objects[1], objects[0], objects[2]]  # the blue square named: the scan stops at it
+    assert P.find_rationale("syn_ground", grounding) == "blue square yes in row 1 column 1; so the blue square is in " \
+                                                        "row 1 column 1"
+    assert P.find_rationale("syn_spatial", {"objects": objects, "rationale": "the red circle is below the blue "
+                                            "square"}) == ("blue square yes in row 1 column 1, green triangle no in "
+                                                           "row 1 column 4, red circle yes in row 2 column 3; so the "
+                                                           "red circle is in row 2 column 3 and the blue square in "
+                                                           "row 1 column 1, so the red circle is below the blue square")
+    for domain in ("syn_ground", "syn_spatial", "syn_detect"):
+        for k in range(10):
+            scanned = P.synthetic_example(domain, "test", k, 0, layout="grid", rationale="scan")
+            found = P.synthetic_example(domain, "test", k, 0, layout="grid", rationale="find")
+            assert found[:4] == scanned[:4]  # same picture, problem, answer
+            if domain not in P.SCANNED:
+                assert found == scanned
+                continue
+            found_list, found_claim = found[4]["rationale"].split("; so ")
+            scanned_list, scanned_claim = scanned[4]["rationale"].split("; so ")
+            assert found_claim == scanned_claim
+            unjudged = found_list.replace(" yes in ", " in ").replace(" no in ", " in ")
+            assert found_list.count(" yes in ") == (1 if domain == "syn_ground" else 2)
+            if domain == "syn_ground":  # the scan up to the named object, which is the last one read
+                assert scanned_list.startswith(unjudged) and found_list.endswith(
+                    " yes in " + found_claim.split(" is in ")[1])
+            else:
+                assert unjudged == scanned_list
     P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2"])
     P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2", "--rationale", "scan"])
     assert "up to date" not in capsys.readouterr().out
     assert manifest(tmp_path)["datasets"]["syn_ground"]["source"].endswith(", rationales that scan the picture")
+    P.main(["--data_dir", str(tmp_path), "--n_train", "2", "--n_test", "2", "--rationale", "find"])
+    assert manifest(tmp_path)["datasets"]["syn_ground"]["source"].endswith(
+        ", rationales that find the named objects while scanning")
 
 
 def test_contact_sheet(tmp_path):
