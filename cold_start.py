@@ -9,8 +9,9 @@ equal, so the CPU testbed first trains it on the reference answers of every trai
 record's rationale, "<answer>" its answer. Real Instruct models already follow the format; the paper starts GRPO
 from Qwen2-VL-2B-Instruct directly (train_grpo.py --init_from=Qwen/Qwen2-VL-2B-Instruct), with no cold start.
 
-The domains are sampled uniformly with this script's own seed, so the result depends neither on the mixture nor on
-the seed of the GRPO runs that start from it: every run of a mixture study starts from the same weights.
+The domains are sampled uniformly (or at domain_weights) with this script's own seed, so the result depends neither
+on the mixture nor on the seed of the GRPO runs that start from it: every run of a mixture study starts from the
+same weights.
 
 Output: out_dir, a checkpoint folder (save_pretrained + checksums.json, written to out_dir.partial and then renamed)
 with cold_start.json: the settings and the training data's fingerprints it was made from, and its final loss. A
@@ -38,7 +39,7 @@ from tqdm import tqdm
 import prepare_data
 import rewards
 import vlm
-from train_grpo import load_train_split, read_settings, record_fields, training_domains
+from train_grpo import load_train_split, read_settings, record_fields, resolve_mixture, training_domains
 
 # --- config -----------------------------------------------------------------------------------------------
 # Override: python cold_start.py [config.json ...] [--key=value ...]; main() then reads each by its name.
@@ -47,7 +48,9 @@ data_dir = "data"                 # prepare_data.py output; every training domai
 init_from = "tiny"                # "tiny", a hub name or a save_pretrained folder
 seed = 0                          # this stage's own: the tiny model's initial weights and the examples drawn
 steps = 2000                      # ~9.5 min on one CPU core: at 900 steps the model's use of its image is not robust
-batch_size = 16                   # examples per step, domains drawn uniformly
+batch_size = 16                   # examples per step
+domain_weights = "uniform"        # how often each training domain is drawn (train_grpo.py's --mixture syntax):
+                                  # the cold start's own, the same for every run of a study that starts from it
 learning_rate = 1e-3              # AdamW, linear decay to 0; at 3e-3 the 2-layer model does not learn to look
 train_vision = False              # True trains the vision tower too: a random tower then collapses (every picture
                                   # looks alike to the text; README "Why the tiny model ignores its image")
@@ -66,7 +69,7 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # Settings added since cold_start.json was first written, at the value the versions before them used: a folder
 # whose recipe lacks one was made that way.
-ADDED_SETTINGS = {"train_vision": True, "answers": "reference", "vision_steps": 0}
+ADDED_SETTINGS = {"train_vision": True, "answers": "reference", "vision_steps": 0, "domain_weights": "uniform"}
 
 
 def reference_completion(solution, meta, rng=None):
@@ -174,11 +177,14 @@ def train(datasets, model, tokenizer, image_processor):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     rng = np.random.default_rng(seed + 1)
     answer_rng = np.random.default_rng(seed + 2) if answers == "random" else None
-    domains = sorted(datasets)
+    weights = resolve_mixture(domain_weights, "", sorted(datasets), "--domain_weights")
+    domains, shares = list(weights), list(weights.values())
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bar = tqdm(range(steps), desc="cold start", dynamic_ncols=True)
     for _ in bar:
-        picks = [(d, int(rng.integers(len(datasets[d])))) for d in rng.choice(domains, batch_size)]
+        drawn = rng.choice(domains, batch_size) if domain_weights == "uniform" else \
+            rng.choice(domains, batch_size, p=shares)  # uniform keeps the draws of cold starts made before weights
+        picks = [(d, int(rng.integers(len(datasets[d])))) for d in drawn]
         problems, images, targets = [], [], []
         for d, row in picks:
             problem, image, solution, _, meta = record_fields(datasets[d][row])
@@ -214,6 +220,7 @@ def main(argv):
                          f"init_from={init_from} has a pretrained one: use --vision_steps=0")
     manifest = vlm.load_manifest(data_dir)
     domains = training_domains(manifest)
+    resolve_mixture(domain_weights, "", domains, "--domain_weights")  # bad weights fail before minutes of work
     settings = recipe(config, manifest, domains)
     previous = existing_recipe(out_dir)
     if previous is not None:

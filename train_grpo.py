@@ -221,16 +221,17 @@ def training_domains(manifest):
     return sorted(d for d, info in manifest["datasets"].items() if "train" in info["splits"])
 
 
-def resolve_mixture(spec, proposal, domains):
-    """{domain: weight} normalised to sum 1, from "uniform", inline JSON, a JSON file or a mixtures.json."""
+def resolve_mixture(spec, proposal, domains, setting="--mixture"):
+    """{domain: weight} normalised to sum 1, from "uniform", inline JSON, a JSON file or a mixtures.json; errors
+    name the setting it was given as."""
     if spec == "uniform":
         raw = {d: 1.0 for d in domains}
     else:
         if spec.lstrip().startswith("{"):
             try:
-                raw, where = json.loads(spec), "--mixture"
+                raw, where = json.loads(spec), setting
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: --mixture is not valid JSON ({e}); write it as "
+                raise SystemExit(f"error: {setting} is not valid JSON ({e}); write it as "
                                  """'{"syn_count": 2, "syn_ground": 1}'""")
         else:
             try:

@@ -137,3 +137,40 @@ def test_vision_steps_with_a_pretrained_model_is_a_one_line_error(data_dir, tmp_
                                                     "tower; init_from=Qwen/Qwen2-VL-2B-Instruct has a pretrained one: "
                                                     "use --vision_steps=0")
     assert not (tmp_path / "cs").exists()
+
+
+class NeverRead:
+    """A training split that fails the test when any of its records is read."""
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, row):
+        raise AssertionError(f"record {row} of a domain with weight 0 was read")
+
+
+def test_domain_weights_draw_only_the_weighted_domains(data_dir, monkeypatch):
+    """domain_weights='{"syn_count": 1}': every example of the cold start is a counting record; syn_colorcount
+    (weight 0) is never read. 3 steps of 4 examples."""
+    for name, value in {"steps": 3, "batch_size": 4, "domain_weights": '{"syn_count": 1}'}.items():
+        monkeypatch.setattr(cold_start, name, value)
+    manifest = vlm.load_manifest(str(data_dir))
+    count = cold_start.load_train_split(str(data_dir), manifest, "syn_count")
+    read = []
+    real_fields = cold_start.record_fields
+    monkeypatch.setattr(cold_start, "record_fields", lambda record: read.append(record) or real_fields(record))
+    model, tokenizer, image_processor = vlm.load_policy("tiny", seed=0)
+    cold_start.train({"syn_count": count, "syn_colorcount": NeverRead(len(count))}, model, tokenizer,
+                     image_processor)
+    assert [r["domain"] for r in read] == ["syn_count"] * 12
+
+
+def test_bad_domain_weights_are_a_one_line_error_before_any_work(data_dir, tmp_path):
+    proc = run_cold_start(data_dir, tmp_path / "cs", '--domain_weights={"syn_nope": 1}', check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == ("error: mixture (--domain_weights) names unknown domain(s) "
+                                                    "['syn_nope']; the manifest's training domains are "
+                                                    "['syn_colorcount', 'syn_count']")
+    assert not (tmp_path / "cs").exists()
