@@ -53,10 +53,10 @@ domain_weights = "uniform"        # how often each training domain is drawn (tra
                                   # the cold start's own, the same for every run of a study that starts from it
 learning_rate = 1e-3              # AdamW, linear decay to 0; at 3e-3 the 2-layer model does not learn to look
 train_vision = False              # True trains the vision tower too: a random tower then collapses (every picture
-                                  # looks alike to the text; README "Why the tiny model ignores its image")
+                                  # looks alike to the text; docs/testbed_log.md, item 3)
 vision_steps = 0                  # a tiny model's random tower is first pretrained, alone, for this many steps (32
                                   # scenes each) to say what each image token holds and where it is, as a real
-                                  # model's tower is pretrained (README, item 13); 0 keeps it random
+                                  # model's tower is pretrained (docs/testbed_log.md item 13); 0: random
 grad_clip = 1.0
 max_pixels = 0                    # image processor's max pixels per image (0: the model's own)
 max_prompt_length = 1024          # a longer prompt is an error (images cannot be cut)
@@ -75,7 +75,8 @@ ADDED_SETTINGS = {"train_vision": True, "answers": "reference", "vision_steps": 
 def reference_completion(solution, meta, rng=None):
     """The completion the cold start imitates: the record's rationale in <think>, its answer in <answer>. Given rng
     (answers="random"), a choice answer becomes a random option letter and a count a random number 0-6: the model
-    still learns the format and to describe its picture, and GRPO has the answer left to learn (README, item 11)."""
+    still learns the format and to describe its picture, and GRPO has the answer left to learn (docs/testbed_log.md,
+    item 11)."""
     answer = rewards.extract_answer(solution)
     answer = solution if answer is None else answer
     if rng is not None and meta.get("options"):
@@ -133,8 +134,8 @@ def pretrain_vision(model, image_processor, canvas=112, batch=32):
     """vision_steps of AdamW on the tiny model's tower alone, through a linear read-out per image token of its
     row, its column and the colour and shape covering its cell, on scenes of 1-6 random objects drawn as
     prepare_data.py draws its suite (seeded here: none of the training records). A random tower says what a patch
-    holds only weakly and not where it is, and the language model then never learns to read positions (README,
-    item 13). Returns the read-out's accuracy per target on the last step's scenes."""
+    holds only weakly and not where it is, and the language model then never learns to read positions
+    (docs/testbed_log.md, item 13). Returns the read-out's accuracy per target on the last step's scenes."""
     visual = model.model.visual
     visual.requires_grad_(True)
     grid = image_processor(images=[prepare_data.draw([], canvas)], return_tensors="pt")["image_grid_thw"][0]

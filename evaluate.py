@@ -946,7 +946,7 @@ def results_table(all_results):
 def differing_generation_settings(rows):
     """{setting: {value: [runs]}} for each generation setting on which the rows differ. Why it matters: a
     checkpoint is scored at its training completion length and a base model at 1,024 tokens by default, so a table
-    can set a cold start's long answers against a checkpoint's cut ones (README, item 16)."""
+    can set a cold start's long answers against a checkpoint's cut ones (docs/testbed_log.md, item 16)."""
     differing = {}
     for key in ("max_new_tokens", "temperature", "max_pixels", "system_prompt"):
         by_value = {}

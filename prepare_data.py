@@ -316,7 +316,7 @@ def named_cells(domain, example):
 def scan_rationale(domain, example):
     """--rationale=scan for syn_ground and syn_spatial: the picture read object by object first, then the named
     objects looked up in that list, so that the model need not find a named object among several in one step
-    (README, 'Why the tiny model ignores its image', item 20)."""
+    (docs/testbed_log.md, item 20)."""
     return scan(example["objects"]) + named_cells(domain, example)
 
 
@@ -324,8 +324,8 @@ def find_rationale(domain, example):
     """--rationale=find for syn_ground and syn_spatial: the picture read object by object, each judged right after
     its words against the objects the question names (`blue circle no in row 1 column 3, red circle yes in row 2
     column 1`), so that the named object is found by comparing the object just read with the question, never by
-    looking its words up in a list (README, 'Why the tiny model ignores its image', item 22). Grounding's scan stops
-    at the named object; spatial relations' lists every object."""
+    looking its words up in a list (docs/testbed_log.md, item 22). Grounding's scan stops at the named object;
+    spatial relations' lists every object."""
     objects = example["objects"]
     named = objects[:1] if domain == "syn_ground" else objects[:2]
     in_rows = sorted(objects, key=lambda o: cell_of(o["box"]))
@@ -1080,22 +1080,23 @@ def main(argv=None):
     p.add_argument("--option_order", choices=["fixed", "shuffled"], default="fixed",
                    help="synthetic suite: multiple-choice options always in the same order (default), so that the "
                         "2-layer tiny model need not look an answer's letter up (with them shuffled per record it "
-                        "stays at chance: README, 'Why the tiny model ignores its image'), or shuffled per record")
+                        "stays at chance: docs/testbed_log.md, item 8), or shuffled per record")
     p.add_argument("--layout", choices=["free", "grid"], default="free",
                    help="synthetic suite: objects anywhere (default) or each centred in its own 28 px cell, the "
                         "picture behind one image token of the tiny model, so that one token holds one object "
-                        "(README, 'Why the tiny model ignores its image', item 14)")
+                        "(docs/testbed_log.md, item 14)")
     p.add_argument("--count_answers", choices=["natural", "uniform"], default="natural",
                    help="synthetic suite: syn_count's answers as its scenes give them (default: 1 answers 29-31%% "
-                        "of the records) or uniform over 0-6, so that a constant answer scores about 1/7 (README "
-                        "item 14)")
+                        "of the records) or uniform over 0-6, so that a constant answer scores about 1/7 "
+                        "(docs/testbed_log.md, item 14)")
     p.add_argument("--rationale", choices=["short", "scan", "find"], default="short",
                    help="synthetic suite: the rationale the cold start imitates; short (default: 'the red circle is "
                         "at the top left') or, for grounding and spatial relations, a scan of every object with its "
                         "cell first ('blue square in row 1 column 3, red circle in row 2 column 1; so the red circle "
-                        "is in row 2 column 1'), which lifts the cold start's grounding (README item 20), or find: the same "
+                        "is in row 2 column 1'), which lifts the cold start's grounding (docs/testbed_log.md, item 20), or "
+                        "find: the same "
                         "scan with each object judged against the question right after its words ('blue square no "
-                        "in row 1 column 3, red circle yes in row 2 column 1; ...'; README item 22)")
+                        "in row 1 column 3, red circle yes in row 2 column 1; ...'; docs/testbed_log.md, item 22)")
     p.add_argument("--contact_sheet", metavar="PNG", help="draw a few synthetic test examples of every domain with "
                                                           "their problems and answers into PNG, and build nothing")
     args = p.parse_args(argv)

@@ -9,17 +9,17 @@ the answer needs, e.g. "the red triangle is above the yellow square", "blue and 
 start imitates in <think>. For each test set, this prints the share of completions whose <think> is that rationale
 word for word (the model read what the answer needs), and the mean score of the completions whose <think> is right
 and of those whose <think> is wrong. A cold start with random answers (cold_start.py --answers=random) leaves the
-step from a right rationale to its answer to GRPO; the share of right rationales bounds what that can reach (README,
-"Why the tiny model ignores its image", item 18). The match is exact: a run whose wording drifts under RL counts as
+step from a right rationale to its answer to GRPO; the share of right rationales bounds what that can reach
+(docs/testbed_log.md, item 18). The match is exact: a run whose wording drifts under RL counts as
 wrong, so compare cold starts, or read a run's rows next to its cold start's. Sets without rationales are skipped.
 
 A scan rationale (prepare_data.py --rationale=scan: "<object> in row r column c, ...; so the <named object> is in
 ...") gets a second table: the share whose list of objects is right, whose claim after "; so " is right, and whose
 claim is right among those whose list is; and, for one-object claims (grounding), the share a claim would get right
 by picking one of the listed objects at random (the mean of 1 / objects listed). A claim right at that rate reads
-where objects are but not which one the question names (README item 20). A find rationale (--rationale=find: each
-listed object judged "yes" or "no" against the question) gets the same table; its grounding list stops at the named
-object, so no random pick's rate is given for it (the same scenes' scan rationales give it).
+where objects are but not which one the question names (docs/testbed_log.md, item 20). A find rationale
+(--rationale=find: each listed object judged "yes" or "no" against the question) gets the same table; its grounding
+list stops at the named object, so no random pick's rate is given for it (the same scenes' scan rationales give it).
 """
 import argparse
 import json
